@@ -1,0 +1,198 @@
+//! What ARCH knows about a container: its namespace, whether it is
+//! ARCH-enabled (from the bundle's config.json), and ARCH's own record of it.
+//!
+//! The record is written at `create` for ARCH-enabled containers only, so every
+//! later subcommand learns "not ARCH's business" from one failed `stat`.
+
+use crate::argv::is_valid_id;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// containerd's namespace for a runc `--root`: `/run/containerd/runc/<ns>`,
+/// Docker's `/run/docker/runtime-runc/<ns>`.
+pub fn namespace_from_root(root: &str) -> Option<&str> {
+    let root = Path::new(root);
+    let parent = root.parent()?.file_name()?.to_str()?;
+    let ns = root.file_name()?.to_str()?;
+    (matches!(parent, "runc" | "runtime-runc") && is_valid_id(ns)).then_some(ns)
+}
+
+/// containerd's namespace from a bundle path `.../io.containerd.runtime.v2.task/<ns>/<id>`.
+pub fn namespace_from_bundle(bundle: &Path) -> Option<&str> {
+    let mut parts = bundle.iter().map(|p| p.to_str());
+    while let Some(part) = parts.next() {
+        if matches!(part, Some("io.containerd.runtime.v2.task" | "io.containerd.runtime.v1.linux")) {
+            return parts.next().flatten().filter(|ns| is_valid_id(ns));
+        }
+    }
+    None
+}
+
+/// `ARCH_ENABLE` set to `1`, `true` or `yes`, in any case.
+pub fn arch_enabled(env: &[(String, String)]) -> bool {
+    env.iter().rev().find(|(k, _)| k == "ARCH_ENABLE").is_some_and(|(_, v)| {
+        let v = v.trim();
+        v == "1" || v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("yes")
+    })
+}
+
+/// What a bundle's config.json says that ARCH cares about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleFacts {
+    pub env: Vec<(String, String)>,
+    pub annotations: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("reading {path}: {source}")]
+    Spec { path: PathBuf, source: oci_spec::OciSpecError },
+}
+
+impl BundleFacts {
+    pub fn load(bundle: &Path) -> Result<Self, BundleError> {
+        let path = bundle.join("config.json");
+        let spec = oci_spec::runtime::Spec::load(&path).map_err(|source| BundleError::Spec { path, source })?;
+        let env = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().as_ref())
+            .map(|env| {
+                env.iter()
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) => (k.to_owned(), v.to_owned()),
+                        None => (kv.clone(), String::new()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut annotations: Vec<_> = spec
+            .annotations()
+            .as_ref()
+            .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        annotations.sort();
+        Ok(BundleFacts { env, annotations })
+    }
+}
+
+/// ARCH's record of one ARCH-enabled container, from `create` to `delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    #[serde(flatten)]
+    pub facts: BundleFacts,
+    /// Handlers' notes (`state` capability).
+    #[serde(default)]
+    pub notes: BTreeMap<String, String>,
+}
+
+/// Where records live: `<state_dir>/containers/<runc root key>/<id>.json`.
+///
+/// Records are keyed by what every runc call of a container repeats: its
+/// `--root` (as a namespace where it has containerd's layout) and its id.
+#[derive(Debug, Clone)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    pub fn new(state_dir: &Path) -> Self {
+        Records { dir: state_dir.join("containers") }
+    }
+
+    /// The record path for a call with this `--root` and container id, or
+    /// `None` if the id is not one runc would accept.
+    pub fn path(&self, root: Option<&str>, id: &str) -> Option<PathBuf> {
+        if !is_valid_id(id) {
+            return None;
+        }
+        let key = root.and_then(namespace_from_root).unwrap_or("default");
+        Some(self.dir.join(key).join(format!("{id}.json")))
+    }
+
+    pub fn load(path: &Path) -> std::io::Result<Option<Record>> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the record atomically (temp file + rename), readable by root only.
+    pub fn store(path: &Path, record: &Record) -> std::io::Result<()> {
+        let dir = path.parent().expect("record path has a parent");
+        create_private_dir(dir)?;
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        let mut f = private_file(&tmp)?;
+        f.write_all(&serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn remove(path: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `mkdir -p` with mode 0700 for what it creates.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// A new file (truncated if present) with mode 0600.
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn enabled_values() {
+        for v in ["1", "true", "TRUE", "Yes", " yes "] {
+            assert!(arch_enabled(&env(&[("ARCH_ENABLE", v)])), "{v}");
+        }
+        for v in ["0", "false", "", "no", "2", "y"] {
+            assert!(!arch_enabled(&env(&[("ARCH_ENABLE", v)])), "{v}");
+        }
+        assert!(!arch_enabled(&env(&[("ARCH_ENABLED", "1")])));
+        assert!(!arch_enabled(&env(&[("ARCH_ENABLE", "1"), ("ARCH_ENABLE", "0")])));
+    }
+
+    #[test]
+    fn namespaces() {
+        assert_eq!(namespace_from_root("/run/containerd/runc/k8s.io"), Some("k8s.io"));
+        assert_eq!(namespace_from_root("/run/docker/runtime-runc/moby"), Some("moby"));
+        assert_eq!(namespace_from_root("/run/runc"), None);
+        assert_eq!(namespace_from_root("/run/containerd/runc/.."), None);
+        let b = Path::new("/run/containerd/io.containerd.runtime.v2.task/ns1/c1");
+        assert_eq!(namespace_from_bundle(b), Some("ns1"));
+        assert_eq!(namespace_from_bundle(Path::new("/tmp/bundle")), None);
+    }
+
+    #[test]
+    fn record_paths_refuse_bad_ids() {
+        let r = Records::new(Path::new("/s"));
+        assert_eq!(
+            r.path(Some("/run/containerd/runc/ns"), "c1"),
+            Some(PathBuf::from("/s/containers/ns/c1.json"))
+        );
+        assert_eq!(r.path(None, "c1"), Some(PathBuf::from("/s/containers/default/c1.json")));
+        assert_eq!(r.path(None, "../etc/passwd"), None);
+    }
+}

@@ -1,0 +1,309 @@
+//! One arch-runc invocation, from argv to exec.
+//!
+//! 1. Parse argv; anything that is not a handled subcommand of an
+//!    ARCH-enabled container execs the real runc at once (no wasmtime).
+//! 2. Otherwise load the subcommand's module (builtin or override), run it
+//!    under limits, and carry out its decision.
+//! 3. Any failure of ARCH's own (bad module, trap, refused request, I/O)
+//!    fails open: the call behaves as plain runc, and the failure is logged.
+
+use crate::argv::{self, Invocation};
+use crate::config::Config;
+use crate::container::{self, BundleFacts, Record, Records};
+use crate::metrics::Counters;
+use crate::modules::{self, Origin};
+use crate::runc;
+use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
+use std::ffi::OsString;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Runs arch-runc with `argv` (including argv[0]); returns the exit status
+/// unless it execs runc.
+pub fn main(argv: Vec<OsString>) -> i32 {
+    let started = Instant::now();
+    let loaded = Config::load();
+    let args: Vec<OsString> = argv.into_iter().skip(1).collect();
+    let utf8: Option<Vec<String>> = args.iter().map(|a| a.clone().into_string().ok()).collect();
+    let inv = argv::parse(utf8.as_deref().unwrap_or_default());
+    let debug = inv.global.iter().any(|f| f.name == "debug" && f.value.as_deref() != Some("false"));
+    crate::logging::init(&loaded.config.log_file, &loaded.config.log_level, debug);
+    if let Some(warning) = &loaded.warning {
+        tracing::warn!(config = %loaded.path.display(), "{warning}");
+    }
+    let mut call = Call { started, config: loaded.config, inv, args, report: Report::default() };
+    if utf8.is_none() {
+        call.report.reason = "argv is not UTF-8";
+    }
+    call.run()
+}
+
+/// What the per-invocation log record says.
+#[derive(Default)]
+struct Report {
+    namespace: String,
+    id: String,
+    arch_enabled: bool,
+    module: String,
+    reason: &'static str,
+    decision: String,
+}
+
+struct Call {
+    started: Instant,
+    config: Config,
+    inv: Invocation,
+    /// argv after argv[0] as received (possibly not UTF-8).
+    args: Vec<OsString>,
+    report: Report,
+}
+
+/// Where an invocation goes.
+enum Route {
+    PassThrough(&'static str),
+    Handle { record: Record, record_path: PathBuf },
+}
+
+impl Call {
+    fn run(mut self) -> i32 {
+        let runc = match runc::find(self.config.runc.as_deref()) {
+            Ok(runc) => runc,
+            Err(e) => return self.fail(&e.to_string(), "no runc"),
+        };
+        match self.route() {
+            Route::PassThrough(reason) => {
+                if self.report.reason.is_empty() {
+                    self.report.reason = reason;
+                }
+                self.exec(&runc, None)
+            }
+            Route::Handle { record, record_path } => self.handle(&runc, record, record_path),
+        }
+    }
+
+    /// Decides, as cheaply as possible, whether ARCH handles this call.
+    fn route(&mut self) -> Route {
+        if !self.report.reason.is_empty() {
+            return Route::PassThrough("argv is not UTF-8");
+        }
+        let inv = &self.inv;
+        let Some(sub) = inv.subcommand else { return Route::PassThrough("not a runc subcommand") };
+        if !modules::handled(sub) {
+            return Route::PassThrough("no handler");
+        }
+        if inv.is_help_or_version() {
+            return Route::PassThrough("help");
+        }
+        let Some(id) = inv.container_id.clone() else { return Route::PassThrough("no container id") };
+        self.report.id = id.clone();
+        let records = Records::new(&self.config.state_dir);
+        let Some(record_path) = records.path(inv.global("root"), &id) else {
+            return Route::PassThrough("container id runc would refuse");
+        };
+        if sub != "create" {
+            return match Records::load(&record_path) {
+                Ok(Some(record)) => {
+                    self.report.namespace = record.namespace.clone();
+                    self.report.arch_enabled = true;
+                    Route::Handle { record, record_path }
+                }
+                Ok(None) => Route::PassThrough("not ARCH-managed"),
+                Err(e) => {
+                    tracing::warn!(id, record = %record_path.display(), error = %e, "unreadable ARCH record");
+                    Route::PassThrough("unreadable ARCH record")
+                }
+            };
+        }
+        let bundle = absolute(Path::new(inv.flag("bundle").unwrap_or(".")));
+        let namespace = inv
+            .global("root")
+            .and_then(container::namespace_from_root)
+            .or_else(|| container::namespace_from_bundle(&bundle))
+            .unwrap_or("default")
+            .to_owned();
+        self.report.namespace = namespace.clone();
+        // A record left by an earlier container of this id must not route
+        // this one, whatever happens next.
+        if let Err(e) = Records::remove(&record_path) {
+            tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
+        }
+        let facts = match BundleFacts::load(&bundle) {
+            Ok(facts) => facts,
+            Err(e) => {
+                tracing::warn!(id, error = %e, "config.json unreadable; passing through");
+                return Route::PassThrough("config.json unreadable");
+            }
+        };
+        if !container::arch_enabled(&facts.env) {
+            return Route::PassThrough("not ARCH-enabled");
+        }
+        self.report.arch_enabled = true;
+        let record = Record { namespace, id, bundle, facts, notes: Default::default() };
+        if let Err(e) = Records::store(&record_path, &record) {
+            tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
+            self.count("arch_failures_total");
+            return Route::PassThrough("could not write ARCH record");
+        }
+        Route::Handle { record, record_path }
+    }
+
+    /// Runs the subcommand's module and carries out its decision.
+    fn handle(&mut self, runc: &Path, record: Record, record_path: PathBuf) -> i32 {
+        let _lock = match lock(&record_path) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::error!(id = %record.id, error = %e, "could not lock the container; passing through");
+                return self.fail_open(runc, None, "lock failed");
+            }
+        };
+        let sub = self.inv.subcommand.unwrap_or_default();
+        let resolution = modules::resolve(&self.config.modules_dir, sub);
+        if let Some(refusal) = &resolution.refused {
+            tracing::error!(subcommand = sub, "module override refused, using the builtin: {refusal}");
+            self.count("module_refused_total");
+        }
+        let module = resolution.module;
+        self.report.module = match &module.origin {
+            Origin::Builtin => format!("builtin:{}", &module.digest[..12]),
+            Origin::Override(p) => format!("{}:{}", p.display(), &module.digest[..12]),
+        };
+        let ctx = CallContext {
+            invocation: self.inv.clone(),
+            namespace: record.namespace,
+            id: record.id,
+            bundle: record.bundle,
+            facts: record.facts,
+            record_path,
+            allowed_roots: self.config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect(),
+            runner: Box::new(ChildRunc(runc.to_path_buf())),
+            counters: Some(Counters::new(&self.config.state_dir)),
+            ran_original: None,
+        };
+        let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
+        let (result, ctx) = match self.run_module(&module, ctx, limits) {
+            Ok(done) => done,
+            Err((e, ctx)) => {
+                tracing::error!(id = %self.report.id, module = %self.report.module, error = format!("{e:#}"), "handler failed; behaving as plain runc");
+                self.count("module_failures_total");
+                return self.fail_open(runc, ctx.and_then(|c| c.ran_original), "module failed");
+            }
+        };
+        self.report.decision = format!("{result:?}");
+        match result {
+            Decision::PassThrough => self.exec(runc, None),
+            Decision::ExecRunc(args) => match ctx.scoped_runc_argv(&args) {
+                Ok(full) => self.exec(runc, Some(full)),
+                Err(e) => {
+                    tracing::error!(id = %ctx.id, "handler's exec-runc refused: {e}");
+                    self.count("module_failures_total");
+                    self.fail_open(runc, ctx.ran_original, "exec-runc refused")
+                }
+            },
+            Decision::Exit(status) => self.finish(status, "exit"),
+            Decision::Fail(message) => self.fail(&message, "handler failed the call"),
+        }
+    }
+
+    fn run_module(
+        &self,
+        module: &modules::Module,
+        ctx: CallContext,
+        limits: Limits,
+    ) -> Result<(Decision, CallContext), (anyhow::Error, Option<CallContext>)> {
+        let runtime = wasm::Runtime::new().map_err(|e| (e, None))?;
+        let (component, cached) = match runtime.load(module, &self.config.cache_dir) {
+            Ok(loaded) => loaded,
+            Err(e) => return Err((e.context(format!("compiling {}", self.report.module)), Some(ctx))),
+        };
+        tracing::debug!(module = %self.report.module, ?cached, "module loaded");
+        match runtime.call(&component, ctx, limits) {
+            (Ok(decision), ctx) => Ok((decision, ctx)),
+            (Err(e), ctx) => Err((e, Some(ctx))),
+        }
+    }
+
+    /// Behaves as plain runc would: if the handler already ran runc with the
+    /// original arguments, its status is the answer; otherwise exec runc.
+    fn fail_open(&mut self, runc: &Path, ran_original: Option<i32>, reason: &'static str) -> i32 {
+        self.report.reason = reason;
+        match ran_original {
+            Some(status) => self.finish(status, "fail-open: runc already ran"),
+            None => self.exec(runc, None),
+        }
+    }
+
+    /// Execs runc with the original argv (`None`) or with `argv`.
+    fn exec(&mut self, runc: &Path, argv: Option<Vec<String>>) -> i32 {
+        let args: Vec<OsString> = match &argv {
+            Some(argv) => argv.iter().map(OsString::from).collect(),
+            None => self.args.clone(),
+        };
+        if self.report.decision.is_empty() {
+            self.report.decision = "pass-through".into();
+        }
+        self.log_invocation(Some(&args), "exec");
+        let e = runc::exec(runc, &args);
+        tracing::error!(error = %e, "exec of the real runc failed");
+        self.fail(&e.to_string(), "exec failed")
+    }
+
+    /// Fails as runc would, with `message` in runc's log and on stderr.
+    fn fail(&mut self, message: &str, reason: &'static str) -> i32 {
+        self.report.reason = reason;
+        runc::report_error(self.inv.global("log"), self.inv.global("log-format"), message);
+        self.finish(1, "fail")
+    }
+
+    fn finish(&mut self, status: i32, outcome: &str) -> i32 {
+        self.log_invocation(None, &format!("{outcome} (status {status})"));
+        status
+    }
+
+    fn count(&self, name: &str) {
+        if let Err(e) = Counters::new(&self.config.state_dir).add(name, 1) {
+            tracing::warn!(counter = name, error = %e, "counter not recorded");
+        }
+    }
+
+    /// The one record per invocation.
+    fn log_invocation(&self, argv_out: Option<&[OsString]>, outcome: &str) {
+        let r = &self.report;
+        let argv_in: Vec<_> = self.args.iter().map(|a| a.to_string_lossy()).collect();
+        let argv_out: Option<Vec<_>> = argv_out.map(|a| a.iter().map(|a| a.to_string_lossy()).collect());
+        tracing::info!(
+            target: "arch::invocation",
+            argv_in = %serde_json::json!(argv_in),
+            subcommand = self.inv.subcommand.unwrap_or(""),
+            namespace = r.namespace,
+            id = r.id,
+            arch_enabled = r.arch_enabled,
+            module = r.module,
+            reason = r.reason,
+            decision = r.decision,
+            argv_out = %serde_json::json!(argv_out),
+            outcome,
+            duration_us = self.started.elapsed().as_micros() as u64,
+        );
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|cwd| cwd.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    }
+}
+
+/// Serializes ARCH's handling of one container: an exclusive `flock` on a
+/// file beside its record, held until exit (or until exec closes it).
+fn lock(record_path: &Path) -> std::io::Result<std::fs::File> {
+    let path = record_path.with_extension("lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a valid, open fd.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}

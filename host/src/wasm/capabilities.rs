@@ -1,0 +1,175 @@
+//! What a handler may ask of the host. Every import is scoped to the one
+//! container of the call and checks its arguments before acting; domain
+//! refusals are WIT errors, host bugs are traps.
+
+use super::bindings::arch::handler::{log, metrics, runc, state, types};
+use super::HostState;
+use crate::argv;
+use crate::container::Records;
+use std::path::{Component, Path, PathBuf};
+
+/// runc subcommands a handler may run on its container.
+const ALLOWED_SUBCOMMANDS: &[&str] =
+    &["checkpoint", "create", "delete", "events", "kill", "pause", "ps", "restore", "resume", "start", "state"];
+
+const MAX_LOG_MESSAGE: usize = 4096;
+const MAX_NOTES: usize = 64;
+const MAX_NOTE_VALUE: usize = 64 * 1024;
+
+/// Runs the real runc for a handler (a trait so tests can record calls).
+pub trait RuncRunner: Send {
+    fn run(&mut self, argv: &[String]) -> Result<i32, String>;
+}
+
+/// The real runc as a child process.
+pub struct ChildRunc(pub PathBuf);
+
+impl RuncRunner for ChildRunc {
+    fn run(&mut self, argv: &[String]) -> Result<i32, String> {
+        crate::runc::run(&self.0, argv).map_err(|e| e.to_string())
+    }
+}
+
+/// Everything a call's capabilities are scoped to.
+pub struct CallContext {
+    pub invocation: argv::Invocation,
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub facts: crate::container::BundleFacts,
+    pub record_path: PathBuf,
+    /// Where a handler may point runc's path flags beyond the paths runc was given.
+    pub allowed_roots: Vec<PathBuf>,
+    pub runner: Box<dyn RuncRunner>,
+    pub counters: Option<crate::metrics::Counters>,
+    /// Exit status of the last run of runc with the original subcommand argv,
+    /// so that failing open after it does not run the same command twice.
+    pub ran_original: Option<i32>,
+}
+
+impl CallContext {
+    /// Checks runc arguments (from the subcommand on) proposed by a handler
+    /// and returns the full argv to run: the original global flags, then them.
+    pub fn scoped_runc_argv(&self, args: &[String]) -> Result<Vec<String>, String> {
+        let Some(first) = args.first() else { return Err("no runc subcommand given".into()) };
+        if first.starts_with('-') {
+            return Err("runc arguments must start with the subcommand (global flags are the caller's)".into());
+        }
+        let mut full = self.invocation.global_argv().to_vec();
+        full.extend_from_slice(args);
+        let parsed = argv::parse(&full);
+        let sub = parsed.subcommand.ok_or_else(|| format!("{first:?} is not a runc subcommand"))?;
+        if !ALLOWED_SUBCOMMANDS.contains(&sub) {
+            return Err(format!("runc {sub} is not allowed for handlers"));
+        }
+        if parsed.container_id.as_deref() != Some(self.id.as_str()) {
+            return Err(format!("runc may only act on container {}", self.id));
+        }
+        for (flag, value) in parsed.path_values() {
+            if !self.path_allowed(value) {
+                return Err(format!("--{flag} {value}: not a path of this call, its bundle or a checkpoint root"));
+            }
+        }
+        Ok(full)
+    }
+
+    fn path_allowed(&self, value: &str) -> bool {
+        if self.invocation.path_values().any(|(_, v)| v == value) {
+            return true;
+        }
+        let path = Path::new(value);
+        let clean = path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        clean && std::iter::once(&self.bundle).chain(&self.allowed_roots).any(|root| path.starts_with(root))
+    }
+
+    fn update_record(&self, f: impl FnOnce(&mut crate::container::Record) -> Result<(), String>) -> Result<(), String> {
+        let mut record = Records::load(&self.record_path)
+            .map_err(|e| format!("reading ARCH's record of {}: {e}", self.id))?
+            .ok_or_else(|| format!("ARCH has no record of {}", self.id))?;
+        f(&mut record)?;
+        Records::store(&self.record_path, &record).map_err(|e| format!("writing ARCH's record of {}: {e}", self.id))
+    }
+}
+
+fn valid_note_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 64 && key.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    fn write(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let (sub, id) = (self.ctx.invocation.subcommand.unwrap_or(""), self.ctx.id.as_str());
+        match level {
+            log::Level::Trace => tracing::trace!(target: "arch::module", subcommand = sub, id, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "arch::module", subcommand = sub, id, "{message}"),
+            log::Level::Info => tracing::info!(target: "arch::module", subcommand = sub, id, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "arch::module", subcommand = sub, id, "{message}"),
+            log::Level::Error => tracing::error!(target: "arch::module", subcommand = sub, id, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl metrics::Host for HostState {
+    fn count(&mut self, name: String, value: u64) -> wasmtime::Result<()> {
+        if let Some(counters) = &self.ctx.counters {
+            if let Err(e) = counters.add(&name, value) {
+                tracing::warn!(id = %self.ctx.id, error = %e, "module counter not recorded");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl runc::Host for HostState {
+    fn run(&mut self, args: Vec<String>) -> wasmtime::Result<Result<i32, String>> {
+        let full = match self.ctx.scoped_runc_argv(&args) {
+            Ok(full) => full,
+            Err(e) => {
+                tracing::error!(id = %self.ctx.id, args = ?args, "handler's runc call refused: {e}");
+                return Ok(Err(e));
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = self.ctx.runner.run(&full);
+        tracing::info!(id = %self.ctx.id, argv = ?full, result = ?result, duration_us = started.elapsed().as_micros() as u64, "handler ran runc");
+        if let Ok(status) = result {
+            if args.as_slice() == self.ctx.invocation.subcommand_argv() {
+                self.ctx.ran_original = Some(status);
+            }
+        }
+        Ok(result)
+    }
+}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(Records::load(&self.ctx.record_path).ok().flatten().and_then(|r| r.notes.get(&key).cloned()))
+    }
+
+    fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
+        if !valid_note_key(&key) || value.len() > MAX_NOTE_VALUE {
+            return Ok(Err(format!("note {key:?}: keys are [A-Za-z0-9_.-]{{1,64}}, values at most {MAX_NOTE_VALUE} bytes")));
+        }
+        Ok(self.ctx.update_record(|r| {
+            if r.notes.len() >= MAX_NOTES && !r.notes.contains_key(&key) {
+                return Err(format!("at most {MAX_NOTES} notes per container"));
+            }
+            r.notes.insert(key, value);
+            Ok(())
+        }))
+    }
+
+    fn forget(&mut self) -> wasmtime::Result<Result<(), String>> {
+        Ok(Records::remove(&self.ctx.record_path).map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
+    }
+}
