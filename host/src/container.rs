@@ -135,10 +135,21 @@ impl Records {
     }
 
     pub fn remove(path: &Path) -> std::io::Result<()> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(path)
+    }
+
+    /// Drops the record and its lock file (see `dispatch::lock`): the
+    /// container is no longer ARCH's.
+    pub fn forget(path: &Path) -> std::io::Result<()> {
+        remove_if_present(path)?;
+        remove_if_present(&path.with_extension("lock"))
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -157,6 +157,14 @@ impl Call {
                 return self.fail_open(runc, None, "lock failed");
             }
         };
+        // A concurrent `delete` may have dropped the record while we waited.
+        let record = match Records::load(&record_path) {
+            Ok(Some(current)) => current,
+            _ => {
+                self.report.arch_enabled = false;
+                return self.fail_open(runc, None, "ARCH record gone");
+            }
+        };
         let sub = self.inv.subcommand.unwrap_or_default();
         let resolution = modules::resolve(&self.config.modules_dir, sub);
         if let Some(refusal) = &resolution.refused {

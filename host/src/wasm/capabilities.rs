@@ -170,6 +170,6 @@ impl state::Host for HostState {
     }
 
     fn forget(&mut self) -> wasmtime::Result<Result<(), String>> {
-        Ok(Records::remove(&self.ctx.record_path).map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
+        Ok(Records::forget(&self.ctx.record_path).map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
     }
 }

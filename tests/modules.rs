@@ -1,0 +1,248 @@
+//! Handler modules in the real wasmtime host: each builtin, the example vendor
+//! module, misbehaving modules (trap, endless loop, memory bomb, a request
+//! outside the container's scope), the module cache, and override checks.
+
+mod support;
+
+use arch::argv;
+use arch::container::{BundleFacts, Record, Records};
+use arch::modules::{self, Origin, Refusal};
+use arch::wasm::{CallContext, CacheOutcome, Decision, Limits, RuncRunner, Runtime};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use support::*;
+
+const GLOBALS: &str = "--root /run/containerd/runc/default --log /b/log.json --log-format json";
+
+/// Records what a handler asks runc to do and answers with `status`.
+#[derive(Clone)]
+struct Recorder {
+    calls: Arc<Mutex<Vec<Vec<String>>>>,
+    status: i32,
+}
+
+impl RuncRunner for Recorder {
+    fn run(&mut self, argv: &[String]) -> Result<i32, String> {
+        self.calls.lock().unwrap().push(argv.to_vec());
+        Ok(self.status)
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    runtime: Runtime,
+}
+
+const LIMITS: Limits = Limits { fuel: 500_000_000, memory_bytes: 64 << 20 };
+
+impl Harness {
+    fn new() -> Self {
+        Harness { dir: tempfile::tempdir().unwrap(), runtime: Runtime::new().unwrap() }
+    }
+
+    /// A call of `line` (after the globals) for container `c1` with `env`.
+    fn context(&self, line: &str, env: &[(&str, &str)], annotations: &[(&str, &str)], status: i32) -> (CallContext, Recorder) {
+        let inv = argv::parse(&strings(&format!("{GLOBALS} {line}")));
+        let facts = BundleFacts {
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let record_path = Records::new(self.dir.path()).path(inv.global("root"), "c1").unwrap();
+        let record = Record { namespace: "default".into(), id: "c1".into(), bundle: "/b".into(), facts: facts.clone(), notes: Default::default() };
+        Records::store(&record_path, &record).unwrap();
+        let recorder = Recorder { calls: Default::default(), status };
+        let ctx = CallContext {
+            invocation: inv,
+            namespace: "default".into(),
+            id: "c1".into(),
+            bundle: "/b".into(),
+            facts,
+            record_path,
+            allowed_roots: vec![PathBuf::from("/var/lib/arch/checkpoints")],
+            runner: Box::new(recorder.clone()),
+            counters: Some(arch::metrics::Counters::new(self.dir.path())),
+            ran_original: None,
+        };
+        (ctx, recorder)
+    }
+
+    fn run_wasm(&self, wasm: &[u8], ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
+        let module = modules::Module { subcommand: "x".into(), origin: Origin::Builtin, digest: modules::sha256_hex(wasm), wasm: wasm.to_vec().into() };
+        let (component, _) = self.runtime.load(&module, &self.dir.path().join("cache")).unwrap();
+        self.runtime.call(&component, ctx, LIMITS)
+    }
+
+    fn run_builtin(&self, sub: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
+        let builtin = modules::BUILTINS.iter().find(|b| b.subcommand == sub).unwrap();
+        self.run_wasm(builtin.wasm, ctx)
+    }
+
+    fn run_file(&self, package: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
+        self.run_wasm(&std::fs::read(module_wasm(package)).unwrap(), ctx)
+    }
+}
+
+#[test]
+fn builtins_pass_through() {
+    let h = Harness::new();
+    for (sub, line) in [
+        ("create", "create --bundle /b --pid-file /b/init.pid c1"),
+        ("start", "start c1"),
+        ("checkpoint", "checkpoint --image-path /tmp/x --leave-running c1"),
+        ("resume", "resume c1"),
+    ] {
+        let (ctx, recorder) = h.context(line, &[("ARCH_ENABLE", "1")], &[], 0);
+        let (decision, _) = h.run_builtin(sub, ctx);
+        assert_eq!(decision.unwrap(), Decision::PassThrough, "{sub}");
+        assert!(recorder.calls.lock().unwrap().is_empty(), "{sub} ran runc");
+    }
+    let totals = arch::metrics::Counters::new(h.dir.path()).totals().unwrap();
+    assert_eq!(totals.get("create_fresh_total"), Some(&1));
+}
+
+#[test]
+fn builtin_delete_forgets_the_container_only_when_runc_succeeds() {
+    let h = Harness::new();
+    let (ctx, recorder) = h.context("delete --force c1", &[], &[], 1);
+    let record_path = ctx.record_path.clone();
+    let (decision, ctx) = h.run_builtin("delete", ctx);
+    assert_eq!(decision.unwrap(), Decision::Exit(1));
+    assert_eq!(ctx.ran_original, Some(1));
+    assert!(record_path.exists(), "a failed delete keeps the record");
+    assert_eq!(recorder.calls.lock().unwrap()[0], strings(&format!("{GLOBALS} delete --force c1")));
+
+    let (ctx, _) = h.context("delete c1", &[], &[], 0);
+    let (decision, _) = h.run_builtin("delete", ctx);
+    assert_eq!(decision.unwrap(), Decision::Exit(0));
+    assert!(!record_path.exists(), "a deleted container's record is gone");
+}
+
+#[test]
+fn example_vendor_module() {
+    let h = Harness::new();
+    let (ctx, _) = h.context("checkpoint c1", &[], &[("example.com/no-checkpoint", "true")], 0);
+    match h.run_file("arch-module-example-vendor", ctx).0.unwrap() {
+        Decision::Fail(msg) => assert!(msg.contains("refused by policy"), "{msg}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (ctx, _) = h.context("checkpoint c1", &[], &[], 0);
+    assert_eq!(h.run_file("arch-module-example-vendor", ctx).0.unwrap(), Decision::PassThrough);
+}
+
+#[test]
+fn misbehaving_modules_fail_without_harming_the_host() {
+    let h = Harness::new();
+    for (how, expect) in [("trap", "unreachable"), ("spin", "fuel"), ("membomb", "forcing trap when growing memory")] {
+        let (ctx, recorder) = h.context("create --bundle /b c1", &[("MISBEHAVE", how)], &[], 0);
+        let started = std::time::Instant::now();
+        let (result, ctx) = h.run_file("arch-fixture-misbehave", ctx);
+        let err = result.expect_err(how);
+        let text = format!("{err:?}");
+        assert!(text.contains(expect), "{how}: {text}");
+        assert!(recorder.calls.lock().unwrap().is_empty());
+        assert_eq!(ctx.ran_original, None);
+        assert!(started.elapsed().as_secs() < 30, "{how} was not stopped");
+    }
+}
+
+#[test]
+fn requests_outside_the_container_are_refused() {
+    let h = Harness::new();
+    let (ctx, _) = h.context("checkpoint --image-path /tmp/ctd c1", &[("MISBEHAVE", "escape")], &[], 0);
+    let (decision, ctx) = h.run_file("arch-fixture-misbehave", ctx);
+    let Decision::ExecRunc(args) = decision.unwrap() else { panic!("expected exec-runc") };
+    assert!(ctx.scoped_runc_argv(&args).unwrap_err().contains("only act on container c1"));
+
+    let ok = |args: &str| ctx.scoped_runc_argv(&strings(args));
+    assert_eq!(ok("checkpoint --image-path /tmp/ctd c1").unwrap(), strings(&format!("{GLOBALS} checkpoint --image-path /tmp/ctd c1")));
+    assert!(ok("checkpoint --image-path /var/lib/arch/checkpoints/default/c1/g1 --work-path /b/work c1").is_ok());
+    assert!(ok("restore --detach --bundle /b --image-path /var/lib/arch/checkpoints/k c1").is_ok());
+    assert!(ok("kill c1 9").is_ok());
+    for (args, why) in [
+        ("checkpoint --image-path /etc c1", "not a path of this call"),
+        ("checkpoint --image-path /var/lib/arch/checkpoints/../../../etc c1", "not a path of this call"),
+        ("checkpoint --image-path relative c1", "not a path of this call"),
+        ("restore --bundle /elsewhere c1", "not a path of this call"),
+        ("--root /tmp state c1", "must start with the subcommand"),
+        ("exec c1 sh", "not allowed"),
+        ("run --bundle /b c1", "not allowed"),
+        ("frob c1", "not a runc subcommand"),
+        ("state c2", "only act on container c1"),
+        ("state -- c1 c2", ""),
+    ] {
+        match ok(args) {
+            Err(e) => assert!(e.contains(why), "{args}: {e}"),
+            Ok(_) if args == "state -- c1 c2" => {}
+            Ok(v) => panic!("{args} was allowed: {v:?}"),
+        }
+    }
+}
+
+#[test]
+fn cache_entries_are_reused_and_corrupt_ones_recompiled() {
+    let h = Harness::new();
+    let builtin = modules::BUILTINS.iter().find(|b| b.subcommand == "start").unwrap();
+    let module = modules::Module { subcommand: "start".into(), origin: Origin::Builtin, digest: builtin.digest.into(), wasm: builtin.wasm.into() };
+    let cache = h.dir.path().join("cache");
+    assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Compiled { stored: true });
+    assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Hit);
+
+    let entry = arch::wasm::entry_path(h.runtime.engine(), &cache, builtin.digest);
+    assert_eq!(std::fs::metadata(&entry).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+    let (component, outcome) = h.runtime.load(&module, &cache).unwrap();
+    assert_eq!(outcome, CacheOutcome::Rejected, "a flipped byte must not be trusted");
+    h.runtime.check(&component).unwrap();
+    assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Hit, "rewritten");
+
+    std::fs::write(&entry, b"short").unwrap();
+    assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Rejected);
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Rejected, "readable by others: untrusted");
+}
+
+#[test]
+fn overrides_are_checked() {
+    if !require(is_root(), "root (override files must be root-owned)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mods = dir.path().join("modules");
+    std::fs::create_dir(&mods).unwrap();
+    std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = mods.join("checkpoint.wasm");
+    let wasm = std::fs::read(module_wasm("arch-module-example-vendor")).unwrap();
+    std::fs::write(&file, &wasm).unwrap();
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = modules::resolve(&mods, "checkpoint");
+    assert_eq!(r.module.origin, Origin::Override(file.clone()));
+    assert_eq!(r.refused, None);
+    assert_eq!(r.module.digest, modules::sha256_hex(&wasm));
+
+    for (mode, what) in [(0o664, "group"), (0o646, "others")] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let r = modules::resolve(&mods, "checkpoint");
+        assert_eq!(r.module.origin, Origin::Builtin, "{what}-writable must fall back to the builtin");
+        assert!(matches!(r.refused, Some(Refusal::Writable { .. })), "{what}");
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+    assert!(matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::NotRootOwned { uid: 65534, .. })));
+    std::os::unix::fs::chown(&file, Some(0), None).unwrap();
+
+    std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::Writable { .. })), "writable directory");
+    std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(module_wasm("arch-module-example-vendor"), &file).unwrap();
+    assert!(matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::Symlink(_))));
+    std::fs::remove_file(&file).unwrap();
+    let r = modules::resolve(&mods, "checkpoint");
+    assert_eq!((r.module.origin, r.refused), (Origin::Builtin, None));
+}

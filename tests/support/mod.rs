@@ -1,0 +1,170 @@
+//! Shared helpers: a private ARCH instance under a temp dir, OCI bundles, and a
+//! recording fake runc. Not every test file uses every helper.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where build.rs put the compiled guest modules (builtins and test extras).
+pub fn module_wasm(package: &str) -> PathBuf {
+    Path::new(env!("ARCH_MODULES_OUT")).join(format!("{}.wasm", package.replace('-', "_")))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether a test that needs `what` may run. Under CI (`CI=true`) a missing
+/// dependency is a failure, never a silent skip.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and this test needs {what}");
+    }
+    eprintln!("SKIPPED: needs {what}");
+    false
+}
+
+/// A private ARCH instance: config, state, log, cache and modules dirs.
+pub struct Instance {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Instance {
+    /// An instance whose real runc is `runc`.
+    pub fn new(runc: &Path) -> Self {
+        Self::with(runc, serde_json::json!({}))
+    }
+
+    /// As [`Instance::new`], with extra config keys.
+    pub fn with(runc: &Path, extra: serde_json::Value) -> Self {
+        let dir = tempfile::Builder::new().prefix("arch-test").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let modules = dir.path().join("modules");
+        std::fs::create_dir(&modules).unwrap();
+        std::fs::set_permissions(&modules, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut config = serde_json::json!({
+            "runc": runc,
+            "state_dir": dir.path().join("state"),
+            "log_file": dir.path().join("arch.log"),
+            "cache_dir": dir.path().join("cache"),
+            "modules_dir": modules,
+            "checkpoint_dir": dir.path().join("checkpoints"),
+            "network_fs_dir": dir.path().join("netfs"),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        Instance { dir, config: path }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// arch-runc, configured for this instance.
+    pub fn arch_runc(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arch-runc"));
+        cmd.env("ARCH_CONFIG", &self.config);
+        cmd
+    }
+
+    /// archctl, configured for this instance.
+    pub fn archctl(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_archctl"));
+        cmd.env("ARCH_CONFIG", &self.config);
+        cmd
+    }
+
+    /// ARCH's log, one JSON value per line.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.path("arch.log")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"))).collect()
+    }
+
+    /// The `invocation` records of the log.
+    pub fn invocations(&self) -> Vec<serde_json::Value> {
+        self.log().into_iter().filter(|r| r["target"] == "arch::invocation").collect()
+    }
+
+    /// Installs `wasm` as the override for `subcommand` with `mode`.
+    pub fn install_module(&self, subcommand: &str, wasm: &Path, mode: u32) -> PathBuf {
+        let dest = self.path(&format!("modules/{subcommand}.wasm"));
+        std::fs::copy(wasm, &dest).unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).unwrap();
+        dest
+    }
+
+    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        arch::metrics::Counters::new(&self.path("state")).totals().unwrap()
+    }
+
+    /// A bundle whose config.json sets `env` and `annotations`.
+    pub fn bundle(&self, name: &str, env: &[&str], annotations: &[(&str, &str)]) -> PathBuf {
+        let bundle = self.path(name);
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        let annotations: serde_json::Map<_, _> = annotations.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        let config = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": { "cwd": "/", "args": ["sh"], "env": env, "user": { "uid": 0, "gid": 0 } },
+            "root": { "path": "rootfs" },
+            "annotations": annotations,
+        });
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+        bundle
+    }
+}
+
+/// A fake runc that records how it was called into `<dir>/calls/<n>`: argv
+/// (NUL-separated), then pid, fd 5's target and signal masks; prints fixed
+/// text on stdout and stderr; exits with `$FAKE_RUNC_EXIT` (default 0).
+pub fn fake_runc(dir: &Path) -> PathBuf {
+    let calls = dir.join("calls");
+    std::fs::create_dir_all(&calls).unwrap();
+    let path = dir.join("fake-runc");
+    let script = format!(
+        r#"#!/bin/sh
+n=$(ls {calls} | grep -c '\.argv$')
+out={calls}/$n
+printf '%s\0' "$@" > "$out.argv"
+{{
+  echo "pid $$"
+  echo "fd5 $(readlink /proc/$$/fd/5 2>/dev/null)"
+  grep -E '^Sig(Blk|Ign)' /proc/$$/status
+}} > "$out.proc"
+echo "runc stdout: $*"
+echo "runc stderr: $1" >&2
+exit "${{FAKE_RUNC_EXIT:-0}}"
+"#,
+        calls = calls.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The calls the fake runc recorded, in order: (argv, proc facts).
+pub fn fake_calls(dir: &Path) -> Vec<(Vec<String>, String)> {
+    let calls = dir.join("calls");
+    let mut n = 0;
+    let mut out = Vec::new();
+    while let Ok(argv) = std::fs::read(calls.join(format!("{n}.argv"))) {
+        let argv = String::from_utf8(argv).unwrap();
+        let argv = argv.strip_suffix('\0').map(|a| a.split('\0').map(str::to_owned).collect()).unwrap_or_default();
+        let facts = std::fs::read_to_string(calls.join(format!("{n}.proc"))).unwrap_or_default();
+        out.push((argv, facts));
+        n += 1;
+    }
+    out
+}
+
+pub fn strings(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_owned).collect()
+}
