@@ -7,6 +7,7 @@
 //! - what a module may ask of the host: [`wasm`] (capabilities);
 //! - which module runs: [`modules`] (builtin or operator override).
 
+pub mod archctl;
 pub mod argv;
 pub mod config;
 pub mod container;

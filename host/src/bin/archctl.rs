@@ -1,1 +1,13 @@
-fn main(){}
+//! archctl: inspect and operate ARCH.
+use clap::Parser;
+
+fn main() {
+    let cli = arch::archctl::Cli::parse();
+    match arch::archctl::run(cli) {
+        Ok(status) => std::process::exit(status),
+        Err(e) => {
+            eprintln!("archctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
