@@ -39,11 +39,16 @@ fn main() {
         cmd.args(["-p", package]);
     }
     // Flags meant for the native host build must not leak into the guests'.
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "RUSTC_WORKSPACE_WRAPPER"] {
+    for var in
+        ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "RUSTC_WORKSPACE_WRAPPER"]
+    {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("running cargo for the wasm modules");
-    assert!(status.success(), "building the wasm handler modules failed (is the wasm32-wasip2 target installed? scripts/setup.sh adds it)");
+    assert!(
+        status.success(),
+        "building the wasm handler modules failed (is the wasm32-wasip2 target installed? scripts/setup.sh adds it)"
+    );
 
     let built = target_dir.join("wasm32-wasip2").join("release");
     let mut code = String::from("/// Handler modules compiled into arch-runc.\npub static BUILTINS: &[Builtin] = &[\n");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ARCH needs on a Debian 12 machine, idempotently:
 # containerd, runc, CRIU 4.x (from trixie, pinned low), iptables, busybox-static,
-# zstd, and the wasm32-wasip2 Rust target. Safe to run again.
+# zstd, hyperfine, python3, musl-tools (arch-runc is a static musl binary), and
+# the wasm32-wasip2 and x86_64-unknown-linux-musl Rust targets. Safe to run again.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -10,7 +11,8 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-for bin in containerd:containerd runc:runc iptables-restore:iptables busybox:busybox-static zstd:zstd; do
+for bin in containerd:containerd runc:runc iptables-restore:iptables busybox:busybox-static zstd:zstd \
+  hyperfine:hyperfine python3:python3 musl-gcc:musl-tools; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_apt+=("${bin##*:}")
 done
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
@@ -41,7 +43,9 @@ if ! criu_ok; then
 fi
 
 if command -v rustup >/dev/null 2>&1; then
-  rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+  for t in wasm32-wasip2 x86_64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+  done
 fi
 
 # CRIU must work on this kernel, or nothing else will.

@@ -14,7 +14,9 @@ fn modules_list_and_check() {
         let out = inst.archctl().args(["modules", "list", "--json"]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        rows.into_iter().map(|r| (r["subcommand"].as_str().unwrap().to_owned(), r["status"].as_str().unwrap().to_owned())).collect::<Vec<_>>()
+        rows.into_iter()
+            .map(|r| (r["subcommand"].as_str().unwrap().to_owned(), r["status"].as_str().unwrap().to_owned()))
+            .collect::<Vec<_>>()
     };
     let subs: Vec<_> = list(&inst).into_iter().map(|(s, st)| format!("{s}={st}")).collect();
     assert_eq!(subs, ["create=builtin", "start=builtin", "checkpoint=builtin", "resume=builtin", "delete=builtin"]);

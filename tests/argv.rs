@@ -13,7 +13,13 @@ fn p(line: &str) -> Invocation {
 }
 
 /// (argv, subcommand, container id, [(flag, value)], trailing args)
-type Case = (&'static str, Option<&'static str>, Option<&'static str>, &'static [(&'static str, Option<&'static str>)], &'static [&'static str]);
+type Case = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static [(&'static str, Option<&'static str>)],
+    &'static [&'static str],
+);
 
 const CONTAINERD: &str = "--root /run/containerd/runc/default --log /run/containerd/io.containerd.runtime.v2.task/default/c1/log.json --log-format json";
 
@@ -224,7 +230,8 @@ fn every_documented_flag_in_every_spelling() {
                 let inv = p(&format!("{CONTAINERD} {line}"));
                 assert_eq!(inv.subcommand, Some(*sub), "{line}");
                 assert_eq!(inv.container_id.as_deref(), Some("c1"), "{line}: the value must not be taken for the id");
-                let flag = inv.flags.iter().find(|f| f.name == *long).unwrap_or_else(|| panic!("{line}: {long} not found"));
+                let flag =
+                    inv.flags.iter().find(|f| f.name == *long).unwrap_or_else(|| panic!("{line}: {long} not found"));
                 assert!(flag.known, "{line}");
                 if *takes_value {
                     assert_eq!(flag.value.as_deref(), Some("VAL"), "{line}");

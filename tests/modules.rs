@@ -7,7 +7,7 @@ mod support;
 use arch::argv;
 use arch::container::{BundleFacts, Record, Records};
 use arch::modules::{self, Origin, Refusal};
-use arch::wasm::{CallContext, CacheOutcome, Decision, Limits, RuncRunner, Runtime};
+use arch::wasm::{CacheOutcome, CallContext, Decision, Limits, RuncRunner, Runtime};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -42,14 +42,26 @@ impl Harness {
     }
 
     /// A call of `line` (after the globals) for container `c1` with `env`.
-    fn context(&self, line: &str, env: &[(&str, &str)], annotations: &[(&str, &str)], status: i32) -> (CallContext, Recorder) {
+    fn context(
+        &self,
+        line: &str,
+        env: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        status: i32,
+    ) -> (CallContext, Recorder) {
         let inv = argv::parse(&strings(&format!("{GLOBALS} {line}")));
         let facts = BundleFacts {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let record_path = Records::new(self.dir.path()).path(inv.global("root"), "c1").unwrap();
-        let record = Record { namespace: "default".into(), id: "c1".into(), bundle: "/b".into(), facts: facts.clone(), notes: Default::default() };
+        let record = Record {
+            namespace: "default".into(),
+            id: "c1".into(),
+            bundle: "/b".into(),
+            facts: facts.clone(),
+            notes: Default::default(),
+        };
         Records::store(&record_path, &record).unwrap();
         let recorder = Recorder { calls: Default::default(), status };
         let ctx = CallContext {
@@ -68,7 +80,12 @@ impl Harness {
     }
 
     fn run_wasm(&self, wasm: &[u8], ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
-        let module = modules::Module { subcommand: "x".into(), origin: Origin::Builtin, digest: modules::sha256_hex(wasm), wasm: wasm.to_vec().into() };
+        let module = modules::Module {
+            subcommand: "x".into(),
+            origin: Origin::Builtin,
+            digest: modules::sha256_hex(wasm),
+            wasm: wasm.to_vec().into(),
+        };
         let (component, _) = self.runtime.load(&module, &self.dir.path().join("cache")).unwrap();
         self.runtime.call(&component, ctx, LIMITS)
     }
@@ -155,7 +172,10 @@ fn requests_outside_the_container_are_refused() {
     assert!(ctx.scoped_runc_argv(&args).unwrap_err().contains("only act on container c1"));
 
     let ok = |args: &str| ctx.scoped_runc_argv(&strings(args));
-    assert_eq!(ok("checkpoint --image-path /tmp/ctd c1").unwrap(), strings(&format!("{GLOBALS} checkpoint --image-path /tmp/ctd c1")));
+    assert_eq!(
+        ok("checkpoint --image-path /tmp/ctd c1").unwrap(),
+        strings(&format!("{GLOBALS} checkpoint --image-path /tmp/ctd c1"))
+    );
     assert!(ok("checkpoint --image-path /var/lib/arch/checkpoints/default/c1/g1 --work-path /b/work c1").is_ok());
     assert!(ok("restore --detach --bundle /b --image-path /var/lib/arch/checkpoints/k c1").is_ok());
     assert!(ok("kill c1 9").is_ok());
@@ -183,7 +203,12 @@ fn requests_outside_the_container_are_refused() {
 fn cache_entries_are_reused_and_corrupt_ones_recompiled() {
     let h = Harness::new();
     let builtin = modules::BUILTINS.iter().find(|b| b.subcommand == "start").unwrap();
-    let module = modules::Module { subcommand: "start".into(), origin: Origin::Builtin, digest: builtin.digest.into(), wasm: builtin.wasm.into() };
+    let module = modules::Module {
+        subcommand: "start".into(),
+        origin: Origin::Builtin,
+        digest: builtin.digest.into(),
+        wasm: builtin.wasm.into(),
+    };
     let cache = h.dir.path().join("cache");
     assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Compiled { stored: true });
     assert_eq!(h.runtime.load(&module, &cache).unwrap().1, CacheOutcome::Hit);
@@ -236,7 +261,10 @@ fn overrides_are_checked() {
     std::os::unix::fs::chown(&file, Some(0), None).unwrap();
 
     std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o777)).unwrap();
-    assert!(matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::Writable { .. })), "writable directory");
+    assert!(
+        matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::Writable { .. })),
+        "writable directory"
+    );
     std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     std::fs::remove_file(&file).unwrap();

@@ -28,7 +28,11 @@ impl Setup {
     }
 
     fn direct(&self, args: &[String], exit: i32) -> Output {
-        Command::new(self.fake_dir.path().join("fake-runc")).args(args).env("FAKE_RUNC_EXIT", exit.to_string()).output().unwrap()
+        Command::new(self.fake_dir.path().join("fake-runc"))
+            .args(args)
+            .env("FAKE_RUNC_EXIT", exit.to_string())
+            .output()
+            .unwrap()
     }
 
     fn calls(&self) -> Vec<(Vec<String>, String)> {
@@ -68,7 +72,15 @@ fn argv_exit_code_and_output_are_runcs() {
         s.line("create --bundle /nonexistent --pid-file /x c1"),
         s.line("delete --force c1"),
         s.line("checkpoint --image-path /tmp/x --leave-running c1"),
-        vec!["exec".into(), "c1".into(), "sh".into(), "-c".into(), "echo 'two words'  \t and\nnewline".into(), "".into(), "ünïcödé".into()],
+        vec![
+            "exec".into(),
+            "c1".into(),
+            "sh".into(),
+            "-c".into(),
+            "echo 'two words'  \t and\nnewline".into(),
+            "".into(),
+            "ünïcödé".into(),
+        ],
         strings("--root=/r --debug state -- c1"),
     ];
     for (i, args) in lines.iter().enumerate() {
@@ -89,7 +101,9 @@ fn same_pid_fds_and_signal_state_as_a_direct_exec() {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // dup2(5, 5) would keep O_CLOEXEC: clear it either way.
                 libc::dup2(fd, 5);
+                libc::fcntl(5, libc::F_SETFD, 0);
                 libc::signal(libc::SIGUSR1, libc::SIG_IGN);
                 libc::signal(libc::SIGPIPE, libc::SIG_IGN);
                 let mut set: libc::sigset_t = std::mem::zeroed();
@@ -116,7 +130,9 @@ fn same_pid_fds_and_signal_state_as_a_direct_exec() {
     let (direct_facts, via_facts) = (&calls[0].1, &calls[1].1);
     assert!(via_facts.contains(&format!("pid {pid}\n")), "runc runs in arch-runc's own process: {via_facts}");
     assert!(via_facts.contains("fd5 /etc/hostname"), "fd 5 inherited: {via_facts}");
-    let masks = |facts: &str| facts.lines().filter(|l| l.starts_with("Sig") || l.starts_with("fd5")).map(str::to_owned).collect::<Vec<_>>();
+    let masks = |facts: &str| {
+        facts.lines().filter(|l| l.starts_with("Sig") || l.starts_with("fd5")).map(str::to_owned).collect::<Vec<_>>()
+    };
     assert_eq!(masks(via_facts), masks(direct_facts), "signal mask, ignored signals and fds as with runc itself");
     assert!(via_facts.contains("SigBlk:\t0000000000000800"), "SIGUSR2 stays blocked: {via_facts}");
     assert!(via_facts.contains("SigIgn:\t0000000000001200"), "SIGUSR1 and SIGPIPE stay ignored: {via_facts}");
@@ -143,7 +159,10 @@ fn arch_enabled_containers_are_handled_quietly() {
     let before = s.calls().len();
     let out = s.run(&s.line("delete c1"), 0);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&s.direct(&s.line("delete c1"), 0).stdout));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&s.direct(&s.line("delete c1"), 0).stdout)
+    );
     assert_eq!(s.calls().len(), before + 2, "one run through arch-runc, one direct");
     assert!(!record.exists());
     // A failed delete keeps the record and returns runc's status.
@@ -173,7 +192,9 @@ fn containers_without_arch_enable_or_config_pass_through() {
         assert_transparent(&s, &s.line("start c2"), 0);
     }
     let log = s.inst.log();
-    assert!(log.iter().any(|r| r["level"] == "WARN" && r["message"].as_str().unwrap_or("").contains("config.json unreadable")));
+    assert!(log
+        .iter()
+        .any(|r| r["level"] == "WARN" && r["message"].as_str().unwrap_or("").contains("config.json unreadable")));
     assert!(s.inst.invocations().iter().all(|r| r["arch_enabled"] == false));
 }
 
@@ -204,7 +225,9 @@ fn group_writable_override_is_refused_and_the_builtin_runs() {
     let bundle = s.inst.bundle("b", &["ARCH_ENABLE=1", "MISBEHAVE=trap"], &[]);
     assert_transparent(&s, &s.line(&format!("create --bundle {} c1", bundle.display())), 0);
     let log = s.inst.log();
-    assert!(log.iter().any(|r| r["level"] == "ERROR" && r["message"].as_str().unwrap().contains("writable by group or others")));
+    assert!(log
+        .iter()
+        .any(|r| r["level"] == "ERROR" && r["message"].as_str().unwrap().contains("writable by group or others")));
     assert!(s.inst.invocations()[0]["module"].as_str().unwrap().starts_with("builtin:"));
     assert_eq!(s.inst.counters().get("module_refused_total"), Some(&1));
     assert_eq!(s.inst.counters().get("module_failures_total"), None, "the trapping override never ran");
@@ -227,10 +250,16 @@ fn overrides_are_hot_swapped() {
     let out = s.run(&checkpoint, 0);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "checkpoint of c1 refused by policy (example.com/no-checkpoint)\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "checkpoint of c1 refused by policy (example.com/no-checkpoint)\n"
+    );
     assert_eq!(s.calls().len(), calls, "runc was not called");
     let runc_log = std::fs::read_to_string("/tmp/arch-test-runc-log.json").unwrap();
-    assert!(runc_log.lines().last().unwrap().contains("\"msg\":\"checkpoint of c1 refused by policy"), "the refusal reaches runc's log, where containerd reads it");
+    assert!(
+        runc_log.lines().last().unwrap().contains("\"msg\":\"checkpoint of c1 refused by policy"),
+        "the refusal reaches runc's log, where containerd reads it"
+    );
 
     std::fs::remove_file(installed).unwrap();
     assert_transparent(&s, &checkpoint, 0);

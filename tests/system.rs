@@ -22,7 +22,8 @@ fn have(bin: &str) -> bool {
 
 /// Whether the system tests can run here (root, containerd, ctr, runc, busybox).
 fn ready() -> bool {
-    let missing: Vec<_> = ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"].into_iter().filter(|b| !have(b)).collect();
+    let missing: Vec<_> =
+        ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"].into_iter().filter(|b| !have(b)).collect();
     require(is_root(), "root") && require(missing.is_empty(), &format!("{missing:?} (scripts/setup.sh installs them)"))
 }
 
@@ -67,7 +68,12 @@ impl Containerd {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
-        assert!(out.status.success(), "ctr {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -89,7 +95,11 @@ impl Containerd {
 
     fn task_status(&self, id: &str) -> String {
         let list = self.ok(&["task", "ls"]);
-        list.lines().find(|l| l.split_whitespace().next() == Some(id)).and_then(|l| l.split_whitespace().nth(2)).unwrap_or("").to_owned()
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_owned()
     }
 
     fn wait_status(&self, id: &str, want: &str) {
@@ -115,7 +125,8 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(repo().join("scripts/private-containerd.sh")).arg("stop").arg(&self.dir).status();
+        let _ =
+            Command::new("bash").arg(repo().join("scripts/private-containerd.sh")).arg("stop").arg(&self.dir).status();
     }
 }
 

@@ -68,11 +68,7 @@ impl Invocation {
 }
 
 fn find_flag<'a>(flags: &'a [Flag], name: &str) -> Option<&'a str> {
-    flags
-        .iter()
-        .rev()
-        .find(|f| f.name == name)
-        .and_then(|f| f.value.as_deref())
+    flags.iter().rev().find(|f| f.name == name).and_then(|f| f.value.as_deref())
 }
 
 impl Container {
@@ -88,11 +84,7 @@ impl Container {
 }
 
 fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// ARCH's log file (a module has no stdout or stderr).

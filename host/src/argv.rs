@@ -91,14 +91,8 @@ const CHECKPOINT: &[FlagSpec] = &[
     v("empty-ns"),
     b("auto-dedup"),
 ];
-const CREATE: &[FlagSpec] = &[
-    ps("bundle", "b"),
-    p("console-socket"),
-    p("pid-file"),
-    b("no-pivot"),
-    b("no-new-keyring"),
-    v("preserve-fds"),
-];
+const CREATE: &[FlagSpec] =
+    &[ps("bundle", "b"), p("console-socket"), p("pid-file"), b("no-pivot"), b("no-new-keyring"), v("preserve-fds")];
 const DELETE: &[FlagSpec] = &[bs("force", "f")];
 const EVENTS: &[FlagSpec] = &[v("interval"), b("stats")];
 const EXEC: &[FlagSpec] = &[
@@ -242,9 +236,10 @@ impl Invocation {
 
     /// Whether runc would just print help or its version for this call.
     pub fn is_help_or_version(&self) -> bool {
-        self.global.iter().chain(&self.flags).any(|f| {
-            f.known && (f.name == "help" || f.name == "version") && f.value.as_deref() != Some("false")
-        })
+        self.global
+            .iter()
+            .chain(&self.flags)
+            .any(|f| f.known && (f.name == "help" || f.name == "version") && f.value.as_deref() != Some("false"))
     }
 
     /// argv from the subcommand on.
@@ -261,13 +256,8 @@ impl Invocation {
     pub fn path_values(&self) -> impl Iterator<Item = (&str, &str)> {
         let sub = self.subcommand.and_then(command);
         let globals = self.global.iter().filter(|f| is_path_flag(GLOBAL, &f.name));
-        let locals = self
-            .flags
-            .iter()
-            .filter(move |f| sub.is_some_and(|c| is_path_flag(c.flags, &f.name)));
-        globals
-            .chain(locals)
-            .filter_map(|f| f.value.as_deref().map(|v| (f.name.as_str(), v)))
+        let locals = self.flags.iter().filter(move |f| sub.is_some_and(|c| is_path_flag(c.flags, &f.name)));
+        globals.chain(locals).filter_map(|f| f.value.as_deref().map(|v| (f.name.as_str(), v)))
     }
 }
 

@@ -72,9 +72,7 @@ impl Config {
     /// Reads `$ARCH_CONFIG` or the default file. A missing file means all
     /// defaults; a malformed one means all defaults plus a warning.
     pub fn load() -> Loaded {
-        let path = std::env::var_os("ARCH_CONFIG")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| DEFAULT_CONFIG.into());
+        let path = std::env::var_os("ARCH_CONFIG").map(PathBuf::from).unwrap_or_else(|| DEFAULT_CONFIG.into());
         let (config, warning) = match std::fs::read(&path) {
             Ok(bytes) => match Self::from_json(&bytes) {
                 Ok(c) => (c, None),

@@ -199,10 +199,7 @@ mod tests {
     #[test]
     fn record_paths_refuse_bad_ids() {
         let r = Records::new(Path::new("/s"));
-        assert_eq!(
-            r.path(Some("/run/containerd/runc/ns"), "c1"),
-            Some(PathBuf::from("/s/containers/ns/c1.json"))
-        );
+        assert_eq!(r.path(Some("/run/containerd/runc/ns"), "c1"), Some(PathBuf::from("/s/containers/ns/c1.json")));
         assert_eq!(r.path(None, "c1"), Some(PathBuf::from("/s/containers/default/c1.json")));
         assert_eq!(r.path(None, "../etc/passwd"), None);
     }

@@ -191,10 +191,10 @@ impl Call {
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
         let (result, ctx) = match self.run_module(&module, ctx, limits) {
             Ok(done) => done,
-            Err((e, ctx)) => {
+            Err((e, ran_original)) => {
                 tracing::error!(id = %self.report.id, module = %self.report.module, error = format!("{e:#}"), "handler failed; behaving as plain runc");
                 self.count("module_failures_total");
-                return self.fail_open(runc, ctx.and_then(|c| c.ran_original), "module failed");
+                return self.fail_open(runc, ran_original, "module failed");
             }
         };
         self.report.decision = format!("{result:?}");
@@ -218,16 +218,16 @@ impl Call {
         module: &modules::Module,
         ctx: CallContext,
         limits: Limits,
-    ) -> Result<(Decision, CallContext), (anyhow::Error, Option<CallContext>)> {
+    ) -> Result<(Decision, CallContext), (anyhow::Error, Option<i32>)> {
         let runtime = wasm::Runtime::new().map_err(|e| (e, None))?;
         let (component, cached) = match runtime.load(module, &self.config.cache_dir) {
             Ok(loaded) => loaded,
-            Err(e) => return Err((e.context(format!("compiling {}", self.report.module)), Some(ctx))),
+            Err(e) => return Err((e.context(format!("compiling {}", self.report.module)), None)),
         };
         tracing::debug!(module = %self.report.module, ?cached, "module loaded");
         match runtime.call(&component, ctx, limits) {
             (Ok(decision), ctx) => Ok((decision, ctx)),
-            (Err(e), ctx) => Err((e, Some(ctx))),
+            (Err(e), ctx) => Err((e, ctx.ran_original)),
         }
     }
 

@@ -110,7 +110,8 @@ impl Instance {
     pub fn bundle(&self, name: &str, env: &[&str], annotations: &[(&str, &str)]) -> PathBuf {
         let bundle = self.path(name);
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
-        let annotations: serde_json::Map<_, _> = annotations.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        let annotations: serde_json::Map<_, _> =
+            annotations.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
         let config = serde_json::json!({
             "ociVersion": "1.0.2",
             "process": { "cwd": "/", "args": ["sh"], "env": env, "user": { "uid": 0, "gid": 0 } },

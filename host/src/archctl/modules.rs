@@ -59,7 +59,13 @@ fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
             (Some(_), _) => config.modules_dir.join(format!("{}.wasm", builtin.subcommand)).display().to_string(),
             (None, s) => s,
         };
-        rows.push(Row { subcommand: builtin.subcommand, source, digest: module.digest[..12].to_owned(), status, detail });
+        rows.push(Row {
+            subcommand: builtin.subcommand,
+            source,
+            digest: module.digest[..12].to_owned(),
+            status,
+            detail,
+        });
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -97,7 +103,9 @@ fn check(file: &Path) -> anyhow::Result<i32> {
         wasm: wasm.into(),
     };
     let runtime = Runtime::new()?;
-    match compile_and_check(&runtime, &module).with_context(|| format!("{} does not fit arch:handler@0.1.0", file.display())) {
+    match compile_and_check(&runtime, &module)
+        .with_context(|| format!("{} does not fit arch:handler@0.1.0", file.display()))
+    {
         Ok(()) => {
             println!("ok: {} fits arch:handler@0.1.0 (sha256 {})", file.display(), module.digest);
             Ok(0)

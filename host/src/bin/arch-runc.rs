@@ -2,10 +2,21 @@
 //! containers and is plain runc for everything else.
 //!
 //! A C `main`, so that Rust's runtime start-up leaves signal dispositions
-//! (SIGPIPE) exactly as our caller set them for runc.
+//! (SIGPIPE) exactly as our caller set them for runc. argv is read from
+//! main's own arguments: with no Rust `main`, std on musl never sees it.
 #![no_main]
 
+use std::ffi::{c_char, c_int, CStr, OsString};
+use std::os::unix::ffi::OsStringExt;
+
 #[no_mangle]
-pub extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> std::ffi::c_int {
-    arch::dispatch::main(std::env::args_os().collect())
+pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
+    let args = (0..usize::try_from(argc).unwrap_or(0))
+        .map(|i| {
+            // SAFETY: the C runtime passes argc valid NUL-terminated strings.
+            let arg = unsafe { CStr::from_ptr(*argv.add(i)) };
+            OsString::from_vec(arg.to_bytes().to_vec())
+        })
+        .collect();
+    arch::dispatch::main(args)
 }

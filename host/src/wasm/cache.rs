@@ -22,7 +22,9 @@ const CHECKSUM_LEN: usize = 32;
 pub enum CacheOutcome {
     Hit,
     /// Compiled now; `stored` says whether the cache entry could be written.
-    Compiled { stored: bool },
+    Compiled {
+        stored: bool,
+    },
     /// An entry was there but not trusted (see the log); compiled now.
     Rejected,
 }
@@ -34,7 +36,12 @@ pub fn entry_path(engine: &Engine, cache_dir: &Path, digest: &str) -> PathBuf {
 }
 
 /// The component for `wasm` (whose sha256 is `digest`), from the cache or compiled.
-pub fn component(engine: &Engine, cache_dir: &Path, wasm: &[u8], digest: &str) -> anyhow::Result<(Component, CacheOutcome)> {
+pub fn component(
+    engine: &Engine,
+    cache_dir: &Path,
+    wasm: &[u8],
+    digest: &str,
+) -> anyhow::Result<(Component, CacheOutcome)> {
     let path = entry_path(engine, cache_dir, digest);
     let mut outcome = CacheOutcome::Compiled { stored: false };
     match load(engine, &path) {
@@ -68,7 +75,12 @@ fn load(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
     let meta = file.metadata()?;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    anyhow::ensure!(meta.uid() == euid && meta.mode() & 0o077 == 0, "owner {} mode {:o}", meta.uid(), meta.mode() & 0o7777);
+    anyhow::ensure!(
+        meta.uid() == euid && meta.mode() & 0o077 == 0,
+        "owner {} mode {:o}",
+        meta.uid(),
+        meta.mode() & 0o7777
+    );
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.read_to_end(&mut bytes)?;
     anyhow::ensure!(bytes.len() > CHECKSUM_LEN, "truncated");

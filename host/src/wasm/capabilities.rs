@@ -78,7 +78,8 @@ impl CallContext {
             return true;
         }
         let path = Path::new(value);
-        let clean = path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        let clean =
+            path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         clean && std::iter::once(&self.bundle).chain(&self.allowed_roots).any(|root| path.starts_with(root))
     }
 
@@ -92,7 +93,9 @@ impl CallContext {
 }
 
 fn valid_note_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 64 && key.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    !key.is_empty()
+        && key.len() <= 64
+        && key.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
 }
 
 impl types::Host for HostState {}
@@ -158,7 +161,9 @@ impl state::Host for HostState {
 
     fn set(&mut self, key: String, value: String) -> wasmtime::Result<Result<(), String>> {
         if !valid_note_key(&key) || value.len() > MAX_NOTE_VALUE {
-            return Ok(Err(format!("note {key:?}: keys are [A-Za-z0-9_.-]{{1,64}}, values at most {MAX_NOTE_VALUE} bytes")));
+            return Ok(Err(format!(
+                "note {key:?}: keys are [A-Za-z0-9_.-]{{1,64}}, values at most {MAX_NOTE_VALUE} bytes"
+            )));
         }
         Ok(self.ctx.update_record(|r| {
             if r.notes.len() >= MAX_NOTES && !r.notes.contains_key(&key) {
@@ -170,6 +175,7 @@ impl state::Host for HostState {
     }
 
     fn forget(&mut self) -> wasmtime::Result<Result<(), String>> {
-        Ok(Records::forget(&self.ctx.record_path).map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
+        Ok(Records::forget(&self.ctx.record_path)
+            .map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
     }
 }

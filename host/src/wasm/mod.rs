@@ -25,8 +25,8 @@ mod bindings {
     });
 }
 
-use bindings::{Handler, HandlerPre};
 pub use bindings::arch::handler::types as wit;
+use bindings::{Handler, HandlerPre};
 
 /// What a decision tells arch-runc to do (see the WIT `decision`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,11 +101,20 @@ impl Runtime {
 
     /// Runs the handler once. The context comes back whatever happened, so the
     /// caller can see what the guest did before it failed.
-    pub fn call(&self, component: &Component, ctx: CallContext, limits: Limits) -> (anyhow::Result<Decision>, CallContext) {
+    pub fn call(
+        &self,
+        component: &Component,
+        ctx: CallContext,
+        limits: Limits,
+    ) -> (anyhow::Result<Decision>, CallContext) {
         let state = HostState {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(8).trap_on_grow_failure(true).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(8)
+                .trap_on_grow_failure(true)
+                .build(),
             ctx,
         };
         let mut store = Store::new(&self.engine, state);

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's test command: on a fresh Debian 12 machine (as root), install
+# what is needed, then run formatting and lint checks, every test (unit,
+# module, integration, and the system tests on a private real containerd with
+# real runc and CRIU), and a short benchmark run as a smoke check.
+# With CI=true a missing dependency fails the run instead of skipping tests.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "setup"
+bash scripts/setup.sh
+step "rustfmt"
+cargo fmt --all --check
+step "clippy (host)"
+cargo clippy --release -p arch-host --all-targets --quiet -- -D warnings
+step "clippy (guests, wasm32-wasip2)"
+cargo clippy --release --target wasm32-wasip2 --quiet \
+  -p arch-guest-sdk -p arch-module-create -p arch-module-start -p arch-module-checkpoint \
+  -p arch-module-resume -p arch-module-delete -p arch-module-example-vendor -p arch-fixture-misbehave \
+  -- -D warnings
+step "tests"
+cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
+step "benchmark smoke run (figures: docs/performance.md, scripts/bench.sh)"
+bash scripts/bench.sh --quick
+python3 - <<'PY' 2>/dev/null || true
+import re
+text = open("target/test-output.txt").read()
+p = sum(int(x) for x in re.findall(r"test result: \w+\. (\d+) passed", text))
+f = sum(int(x) for x in re.findall(r"; (\d+) failed", text))
+print(f"\ntests: {p} passed, {f} failed")
+PY
