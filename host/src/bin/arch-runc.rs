@@ -9,11 +9,13 @@
 use std::ffi::{c_char, c_int, CStr, OsString};
 use std::os::unix::ffi::OsStringExt;
 
+/// # Safety
+/// Called by the C runtime with `argc` valid NUL-terminated strings in `argv`.
 #[no_mangle]
-pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
+pub unsafe extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     let args = (0..usize::try_from(argc).unwrap_or(0))
         .map(|i| {
-            // SAFETY: the C runtime passes argc valid NUL-terminated strings.
+            // SAFETY: see the function's contract.
             let arg = unsafe { CStr::from_ptr(*argv.add(i)) };
             OsString::from_vec(arg.to_bytes().to_vec())
         })
