@@ -225,10 +225,15 @@ impl Call {
             Err(e) => return Err((e.context(format!("compiling {}", self.report.module)), None)),
         };
         tracing::debug!(module = %self.report.module, ?cached, "module loaded");
-        match runtime.call(&component, ctx, limits) {
+        let result = match runtime.call(&component, ctx, limits) {
             (Ok(decision), ctx) => Ok((decision, ctx)),
             (Err(e), ctx) => Err((e, ctx.ran_original)),
-        }
+        };
+        // This process execs runc or exits next: tearing wasmtime down
+        // (unregistering unwind info, unmapping code) would only add latency.
+        std::mem::forget(component);
+        std::mem::forget(runtime);
+        result
     }
 
     /// Behaves as plain runc would: if the handler already ran runc with the

@@ -1,0 +1,118 @@
+//! Which checkpoints a container owns: its key and its checkpoint root.
+//!
+//! The key is `<namespace>/<container-id>` unless the container sets
+//! `ARCH_CHECKPOINT_KEY`, so that a retried task with a new id finds the same
+//! checkpoints. The root is the host's: a container may choose the *mode*
+//! (`ARCH_CHECKPOINT_MODE`), never a path. Every value from the container is
+//! validated so that the resulting directory is always inside the root.
+
+use crate::config::{Config, Mode};
+use std::path::PathBuf;
+
+pub const KEY_ENV: &str = "ARCH_CHECKPOINT_KEY";
+pub const MODE_ENV: &str = "ARCH_CHECKPOINT_MODE";
+const MAX_KEY_LEN: usize = 200;
+const MAX_SEGMENTS: usize = 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("{KEY_ENV} is empty")]
+    Empty,
+    #[error("{KEY_ENV} is longer than {MAX_KEY_LEN} bytes")]
+    TooLong,
+    #[error("{KEY_ENV} must be relative (segments separated by '/'), at most {MAX_SEGMENTS} segments")]
+    Shape,
+    #[error("{KEY_ENV} segment {0:?} is not allowed ('.', '..', or a character outside [A-Za-z0-9._-])")]
+    Segment(String),
+    #[error("{MODE_ENV}={0:?}: expected 'basic' or 'network-fs'")]
+    Mode(String),
+}
+
+/// Checks a key: 1 to 8 segments of `[A-Za-z0-9._-]`, none `.` or `..`, no
+/// leading or trailing `/`, at most 200 bytes.
+pub fn validate(key: &str) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    let segments: Vec<&str> = key.split('/').collect();
+    if segments.len() > MAX_SEGMENTS || segments.iter().any(|s| s.is_empty()) {
+        return Err(KeyError::Shape);
+    }
+    for s in segments {
+        let charset = s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        if !charset || s == "." || s == ".." || s.starts_with(".arch") {
+            return Err(KeyError::Segment(s.chars().take(40).collect()));
+        }
+    }
+    Ok(())
+}
+
+/// Where a container's checkpoints live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub key: String,
+    pub mode: Mode,
+    /// `<root>/<key>`.
+    pub dir: PathBuf,
+}
+
+/// Resolves the key and mode for a container from its env and the host config.
+pub fn locate(config: &Config, namespace: &str, id: &str, env: &[(String, String)]) -> Result<Location, KeyError> {
+    let get = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let key = match get(KEY_ENV) {
+        Some(key) => key.to_owned(),
+        None => format!("{namespace}/{id}"),
+    };
+    validate(&key)?;
+    let mode = match get(MODE_ENV).map(str::trim) {
+        None | Some("") => config.mode,
+        Some(m) if m.eq_ignore_ascii_case("basic") => Mode::Basic,
+        Some(m) if m.eq_ignore_ascii_case("network-fs") => Mode::NetworkFs,
+        Some(m) => return Err(KeyError::Mode(m.chars().take(40).collect())),
+    };
+    let dir = config.checkpoint_root(mode).join(&key);
+    Ok(Location { key, mode, dir })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ok() {
+        for key in ["default/c1", "batch-job-42", "team.a/job_1/attempt-x", "k8s.io/pod-abc"] {
+            assert_eq!(validate(key), Ok(()), "{key}");
+        }
+    }
+
+    #[test]
+    fn keys_ng() {
+        let long = "a".repeat(201);
+        let deep = ["a"; 9].join("/");
+        for key in [
+            "", "/etc", "../../etc", "a/../b", "a/./b", "a//b", "a/", "./a", "..", ".", "a b", "a\0b", "é", &long, &deep,
+            "a\\b", ".arch-tmp", "x/.archive",
+        ] {
+            assert!(validate(key).is_err(), "{key:?} accepted");
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn locations_stay_under_the_roots() {
+        let config = Config { checkpoint_dir: "/ck".into(), network_fs_dir: "/efs".into(), ..Config::default() };
+        let l = locate(&config, "ns", "c1", &[]).unwrap();
+        assert_eq!((l.key.as_str(), l.mode, l.dir), ("ns/c1", Mode::Basic, PathBuf::from("/ck/ns/c1")));
+        let l = locate(&config, "ns", "c1", &env(&[(KEY_ENV, "job/7"), (MODE_ENV, "Network-FS")])).unwrap();
+        assert_eq!(l.dir, PathBuf::from("/efs/job/7"));
+        assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "../../etc")])).is_err());
+        assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "/etc")])).is_err());
+        assert!(locate(&config, "ns", "c1", &env(&[(MODE_ENV, "/tmp")])).is_err());
+    }
+}
