@@ -73,6 +73,8 @@ impl Harness {
             record_path,
             allowed_roots: vec![PathBuf::from("/var/lib/arch/checkpoints")],
             runner: Box::new(recorder.clone()),
+            config: arch::config::Config::default(),
+            runc: PathBuf::from("/bin/false"),
             counters: Some(arch::metrics::Counters::new(self.dir.path())),
             ran_original: None,
         };

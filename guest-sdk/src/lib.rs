@@ -136,3 +136,10 @@ pub mod state {
         imp::forget()
     }
 }
+
+/// This container's checkpoints (the host resolves key and root).
+pub mod checkpoints {
+    pub use crate::bindings::arch::handler::checkpoints::{
+        check, key, list, quarantine, restore, take, CheckpointError, CheckpointOptions, Generation,
+    };
+}

@@ -40,6 +40,13 @@ pub struct Config {
     pub module_fuel: u64,
     /// Linear memory a handler may grow to, in MiB.
     pub module_memory_mib: usize,
+    /// Flags added to every `runc checkpoint` (and mirrored at restore).
+    pub checkpoint_flags: Vec<String>,
+    /// Published generations kept per key.
+    pub keep_generations: usize,
+    /// When no checkpoint can be restored: `fresh` (start the container anew)
+    /// or `fail` (fail the create). A container may set `ARCH_RESTORE_FAILURE`.
+    pub restore_failure: String,
 }
 
 impl Default for Config {
@@ -56,6 +63,9 @@ impl Default for Config {
             mode: Mode::Basic,
             module_fuel: 500_000_000,
             module_memory_mib: 64,
+            checkpoint_flags: vec!["--file-locks".into()],
+            keep_generations: 2,
+            restore_failure: "fresh".into(),
         }
     }
 }

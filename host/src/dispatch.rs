@@ -185,6 +185,8 @@ impl Call {
             record_path,
             allowed_roots: self.config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect(),
             runner: Box::new(ChildRunc(runc.to_path_buf())),
+            config: self.config.clone(),
+            runc: runc.to_path_buf(),
             counters: Some(Counters::new(&self.config.state_dir)),
             ran_original: None,
         };

@@ -9,6 +9,7 @@
 
 pub mod archctl;
 pub mod argv;
+pub mod checkpoint;
 pub mod config;
 pub mod container;
 pub mod dispatch;

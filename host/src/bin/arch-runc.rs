@@ -19,6 +19,9 @@ pub unsafe extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int 
             let arg = unsafe { CStr::from_ptr(*argv.add(i)) };
             OsString::from_vec(arg.to_bytes().to_vec())
         })
-        .collect();
+        .collect::<Vec<OsString>>();
+    if args.first().is_some_and(|a| a == arch::checkpoint::rootfs::HELPER_ARGV0) {
+        return arch::checkpoint::rootfs::helper_main(&args);
+    }
     arch::dispatch::main(args)
 }

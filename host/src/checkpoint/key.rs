@@ -93,8 +93,24 @@ mod tests {
         let long = "a".repeat(201);
         let deep = ["a"; 9].join("/");
         for key in [
-            "", "/etc", "../../etc", "a/../b", "a/./b", "a//b", "a/", "./a", "..", ".", "a b", "a\0b", "é", &long, &deep,
-            "a\\b", ".arch-tmp", "x/.archive",
+            "",
+            "/etc",
+            "../../etc",
+            "a/../b",
+            "a/./b",
+            "a//b",
+            "a/",
+            "./a",
+            "..",
+            ".",
+            "a b",
+            "a\0b",
+            "é",
+            &long,
+            &deep,
+            "a\\b",
+            ".arch-tmp",
+            "x/.archive",
         ] {
             assert!(validate(key).is_err(), "{key:?} accepted");
         }

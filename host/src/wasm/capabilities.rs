@@ -2,9 +2,11 @@
 //! container of the call and checks its arguments before acting; domain
 //! refusals are WIT errors, host bugs are traps.
 
-use super::bindings::arch::handler::{log, metrics, runc, state, types};
+use super::bindings::arch::handler::{checkpoints, log, metrics, runc, state, types};
 use super::HostState;
 use crate::argv;
+use crate::checkpoint;
+use crate::config::Config;
 use crate::container::Records;
 use std::path::{Component, Path, PathBuf};
 
@@ -42,6 +44,9 @@ pub struct CallContext {
     pub allowed_roots: Vec<PathBuf>,
     pub runner: Box<dyn RuncRunner>,
     pub counters: Option<crate::metrics::Counters>,
+    pub config: Config,
+    /// The real runc, for the host's own checkpoint and restore runs.
+    pub runc: PathBuf,
     /// Exit status of the last run of runc with the original subcommand argv,
     /// so that failing open after it does not run the same command twice.
     pub ran_original: Option<i32>,
@@ -81,6 +86,10 @@ impl CallContext {
         let clean =
             path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         clean && std::iter::once(&self.bundle).chain(&self.allowed_roots).any(|root| path.starts_with(root))
+    }
+
+    fn location(&self) -> Result<checkpoint::key::Location, String> {
+        checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts.env).map_err(|e| e.to_string())
     }
 
     fn update_record(&self, f: impl FnOnce(&mut crate::container::Record) -> Result<(), String>) -> Result<(), String> {
@@ -177,5 +186,132 @@ impl state::Host for HostState {
     fn forget(&mut self) -> wasmtime::Result<Result<(), String>> {
         Ok(Records::forget(&self.ctx.record_path)
             .map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
+    }
+}
+
+fn wit_generation(meta: &checkpoint::metadata::Metadata) -> checkpoints::Generation {
+    checkpoints::Generation {
+        name: meta.name.clone(),
+        key: meta.key.clone(),
+        container_id: meta.container_id.clone(),
+        created_unix_ms: meta.created_unix_ms,
+        criu_version: meta.criu_version.clone(),
+        images_bytes: meta.images_bytes,
+        rootfs_bytes: meta.rootfs_archive_bytes.unwrap_or(0),
+    }
+}
+
+impl checkpoints::Host for HostState {
+    fn key(&mut self) -> wasmtime::Result<Result<String, String>> {
+        Ok(self.ctx.location().map(|l| l.key))
+    }
+
+    fn take(
+        &mut self,
+        options: checkpoints::CheckpointOptions,
+    ) -> wasmtime::Result<Result<checkpoints::Generation, checkpoints::CheckpointError>> {
+        use checkpoints::CheckpointError;
+        let ctx = &self.ctx;
+        let location = match ctx.location() {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(CheckpointError::NotRun(e))),
+        };
+        if let Some(bad) = options.runc_flags.iter().find(|f| !checkpoint::ALLOWED_FLAGS.contains(&f.as_str())) {
+            return Ok(Err(CheckpointError::NotRun(format!("runc flag {bad} is not allowed"))));
+        }
+        let export =
+            options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
+        let request = checkpoint::TakeRequest {
+            config: &ctx.config,
+            location: &location,
+            runc: &ctx.runc,
+            globals: ctx.invocation.global_argv(),
+            namespace: &ctx.namespace,
+            id: &ctx.id,
+            bundle: &ctx.bundle,
+            leave_running: options.leave_running,
+            extra_flags: &options.runc_flags,
+            export_images_to: export,
+        };
+        let started = std::time::Instant::now();
+        Ok(match checkpoint::take(&request) {
+            Ok((gen, meta)) => {
+                tracing::info!(id = %ctx.id, key = %location.key, generation = %gen.name, phases_ms = ?meta.phases_ms,
+                    images_bytes = meta.images_bytes, rootfs_bytes = meta.rootfs_archive_bytes.unwrap_or(0),
+                    total_ms = started.elapsed().as_millis() as u64, "checkpoint published");
+                Ok(wit_generation(&meta))
+            }
+            Err(e) => {
+                tracing::error!(id = %ctx.id, key = %location.key, error = %e, "checkpoint not published");
+                Err(match e {
+                    checkpoint::TakeError::NotRun(m) => CheckpointError::NotRun(m),
+                    checkpoint::TakeError::Runc(s) => CheckpointError::Runc(s),
+                    checkpoint::TakeError::Incomplete(m) => CheckpointError::Incomplete(m),
+                })
+            }
+        })
+    }
+
+    fn list(&mut self) -> wasmtime::Result<Result<Vec<(String, Result<checkpoints::Generation, String>)>, String>> {
+        let location = match self.ctx.location() {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(checkpoint::generations(&location)
+            .map(|gens| gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
+            .map_err(|e| e.to_string()))
+    }
+
+    fn check(&mut self, name: String) -> wasmtime::Result<Result<(), String>> {
+        let location = match self.ctx.location() {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let store = checkpoint::store::Store::new(&location.dir);
+        let Some(gen) = store.generation(&name) else { return Ok(Err(format!("no generation {name}"))) };
+        Ok(checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta)))
+    }
+
+    fn restore(&mut self, name: String) -> wasmtime::Result<Result<i32, String>> {
+        let ctx = &self.ctx;
+        if ctx.invocation.subcommand != Some("create") {
+            return Ok(Err("restore is only possible in place of a create".into()));
+        }
+        let location = match ctx.location() {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut create_flags = Vec::new();
+        for name in ["pid-file", "console-socket"] {
+            if let Some(v) = ctx.invocation.flag(name) {
+                create_flags.extend([format!("--{name}"), v.to_owned()]);
+            }
+        }
+        if ctx.invocation.has_flag("no-pivot") {
+            create_flags.push("--no-pivot".into());
+        }
+        let request = checkpoint::RestoreRequest {
+            config: &ctx.config,
+            location: &location,
+            runc: &ctx.runc,
+            globals: ctx.invocation.global_argv(),
+            id: &ctx.id,
+            bundle: &ctx.bundle,
+            create_flags: &create_flags,
+        };
+        let result = checkpoint::restore(&request, &name);
+        if let Err(e) = &result {
+            tracing::warn!(id = %ctx.id, generation = %name, error = %e, "restore not attempted");
+        }
+        Ok(result)
+    }
+
+    fn quarantine(&mut self, name: String, reason: String) -> wasmtime::Result<Result<(), String>> {
+        let location = match self.ctx.location() {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        tracing::warn!(id = %self.ctx.id, generation = %name, %reason, "generation quarantined");
+        Ok(checkpoint::quarantine(&location, &name, &reason))
     }
 }

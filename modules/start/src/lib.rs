@@ -1,12 +1,19 @@
-//! `start` of an ARCH-enabled container: runc's own start, logged.
-use arch_guest_sdk::{Container, Decision, Handler, Invocation};
+//! `start`: a container that `create` restored is already running, so its
+//! start succeeds without runc (runc would answer "cannot start an already
+//! running container"); any other container starts as runc starts it.
+use arch_guest_sdk::{log, state, Container, Decision, Handler, Invocation};
 
 struct Start;
 
 impl Handler for Start {
     fn handle(_call: Invocation, container: Container) -> Decision {
-        arch_guest_sdk::log::debug(&format!("start {}/{}", container.namespace, container.id));
-        Decision::PassThrough
+        match state::get("restored-from") {
+            Some(generation) => {
+                log::info(&format!("start {}: restored from {generation}, already running", container.id));
+                Decision::Exit(0)
+            }
+            None => Decision::PassThrough,
+        }
     }
 }
 

@@ -1,0 +1,366 @@
+//! The mechanism behind ARCH checkpoints: taking one (CRIU images through the
+//! real `runc checkpoint`, the writable layer, metadata, validation, atomic
+//! publication) and restoring one into a new container. The policy (when to
+//! take, which generation to try, what to do on failure) is the modules'.
+
+pub mod key;
+pub mod metadata;
+pub mod rootfs;
+pub mod store;
+
+use crate::config::{Config, Mode};
+use key::Location;
+use metadata::Metadata;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use store::{Generation, Store};
+
+/// runc checkpoint flags a module may add (each mirrored at restore).
+pub const ALLOWED_FLAGS: &[&str] = &["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks"];
+
+/// What `take` needs to know about the call.
+pub struct TakeRequest<'a> {
+    pub config: &'a Config,
+    pub location: &'a Location,
+    pub runc: &'a Path,
+    /// The caller's global flags (`--root`, `--log`, ...).
+    pub globals: &'a [String],
+    pub namespace: &'a str,
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub leave_running: bool,
+    /// From [`ALLOWED_FLAGS`].
+    pub extra_flags: &'a [String],
+    /// containerd's `--image-path`: it imports the CRIU images from there.
+    pub export_images_to: Option<&'a Path>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// Nothing was done; runc was not run.
+    #[error("{0}")]
+    NotRun(String),
+    /// runc checkpoint itself failed with this status (it said why).
+    #[error("runc checkpoint exited with status {0}")]
+    Runc(i32),
+    /// runc succeeded, ARCH's part did not: no generation was published.
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Runs runc with its stdio captured (for ARCH's own pause/resume, whose
+/// messages are not the caller's business); returns the status.
+fn runc_quiet(runc: &Path, args: &[String]) -> i32 {
+    match Command::new(runc).args(args).stdin(Stdio::null()).output() {
+        Ok(o) => o.status.code().unwrap_or(128),
+        Err(_) => 127,
+    }
+}
+
+fn with_globals(globals: &[String], rest: &[&str]) -> Vec<String> {
+    globals.iter().cloned().chain(rest.iter().map(|s| s.to_string())).collect()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Takes a checkpoint into a new generation and publishes it.
+pub fn take(req: &TakeRequest) -> Result<(Generation, Metadata), TakeError> {
+    let store = Store::new(&req.location.dir);
+    let _lock = store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.location.dir.display())))?;
+    let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
+    let pending = store.begin(&name).map_err(|e| TakeError::NotRun(format!("creating a generation: {e}")))?;
+    let result = take_into(req, &store, &pending, &name);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&pending);
+    }
+    result
+}
+
+fn take_into(
+    req: &TakeRequest,
+    store: &Store,
+    pending: &Path,
+    name: &str,
+) -> Result<(Generation, Metadata), TakeError> {
+    let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
+    // CRIU writes many small files: on a network FS they go to local staging
+    // first and reach the share as one archive.
+    let local = match req.location.mode {
+        Mode::Basic => pending.to_path_buf(),
+        Mode::NetworkFs => req.config.state_dir.join("staging").join(name),
+    };
+    let images = local.join("images");
+    let work = local.join("work");
+    for dir in [&images, &work] {
+        crate::container::create_private_dir(dir).map_err(|e| TakeError::NotRun(format!("{}: {e}", dir.display())))?;
+    }
+    let _staging = StagingGuard(if req.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
+
+    // With --leave-running the files must match the memory image: keep the
+    // container frozen from the dump until its layer is captured. (containerd
+    // pauses before it checkpoints; then `pause` fails and containerd resumes.)
+    let frozen_at = Instant::now();
+    let paused_by_us = req.leave_running && runc_quiet(req.runc, &with_globals(req.globals, &["pause", req.id])) == 0;
+    let mut argv =
+        with_globals(req.globals, &["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)]);
+    if req.leave_running {
+        argv.push("--leave-running".into());
+    }
+    argv.extend(req.config.checkpoint_flags.iter().cloned());
+    argv.extend(req.extra_flags.iter().cloned());
+    argv.push(req.id.into());
+    let started = Instant::now();
+    let status = crate::runc::run(req.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
+    let dump_ms = ms(started);
+    tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
+    let resume = || {
+        if paused_by_us {
+            runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id]));
+        }
+    };
+    if status != 0 {
+        resume();
+        return Err(TakeError::Runc(status));
+    }
+    let mut meta = Metadata {
+        format: metadata::FORMAT,
+        name: name.into(),
+        key: req.location.key.clone(),
+        namespace: req.namespace.into(),
+        container_id: req.id.into(),
+        created_unix_ms: now_ms(),
+        mode: match req.location.mode {
+            Mode::Basic => "basic".into(),
+            Mode::NetworkFs => "network-fs".into(),
+        },
+        leave_running: req.leave_running,
+        runc_flags: req.config.checkpoint_flags.iter().chain(req.extra_flags).cloned().collect(),
+        ..Default::default()
+    };
+    meta.phases_ms.insert("dump".into(), dump_ms);
+
+    let started = Instant::now();
+    let captured = rootfs::upperdir(&req.bundle.join("rootfs"))
+        .map_err(|e| incomplete("finding the rootfs upperdir", &e))
+        .and_then(|upper| match upper {
+            Some(upper) => {
+                rootfs::capture(&upper, pending).map(Some).map_err(|e| incomplete("capturing the rootfs", &e))
+            }
+            None => {
+                tracing::warn!(id = req.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
+                Ok(None)
+            }
+        });
+    resume();
+    if req.leave_running {
+        meta.phases_ms.insert("freeze".into(), ms(frozen_at));
+    }
+    if let Some((bytes, manifest)) = captured? {
+        meta.rootfs_archive_bytes = Some(bytes);
+        meta.rootfs_files = manifest.files;
+    }
+    meta.phases_ms.insert("rootfs".into(), ms(started));
+
+    std::fs::copy(work.join("dump.log"), pending.join("dump.log")).map_err(|e| incomplete("dump.log", &e))?;
+    if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
+        tracing::warn!(error = %e, "criu cpuinfo dump");
+    }
+    meta.images_bytes = dir_bytes(&images);
+    if let Some(export) = req.export_images_to {
+        export_images(&images, export).map_err(|e| incomplete("handing the images to the caller", &e))?;
+    }
+    if req.location.mode == Mode::NetworkFs {
+        let started = Instant::now();
+        let archive = pending.join("images.tar.zst");
+        pack(&images, &archive).map_err(|e| incomplete("packing the images", &e))?;
+        meta.images_archive_bytes =
+            Some(std::fs::metadata(&archive).map_err(|e| incomplete("images.tar.zst", &e))?.len());
+        meta.phases_ms.insert("pack".into(), ms(started));
+    }
+    let (kernel, host, cpu) = metadata::host_facts();
+    (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
+    meta.runc_version = metadata::tool_version(path_str(req.runc));
+    meta.criu_version = metadata::tool_version("criu");
+    let started = Instant::now();
+    std::fs::write(pending.join("metadata.json"), serde_json::to_vec_pretty(&meta).unwrap_or_default())
+        .map_err(|e| incomplete("metadata.json", &e))?;
+    metadata::validate(pending, &meta).map_err(|e| incomplete("validating the new generation", &e))?;
+    let gen = store.publish(pending, name).map_err(|e| incomplete("publishing", &e))?;
+    meta.phases_ms.insert("publish".into(), ms(started));
+    match store.prune(req.config.keep_generations) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
+        Err(e) => tracing::warn!(error = %e, "pruning old generations"),
+        _ => {}
+    }
+    Ok((gen, meta))
+}
+
+/// Removes a network-FS staging directory when the checkpoint is done.
+struct StagingGuard(Option<PathBuf>);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Gives containerd its copy of the images: hardlinks where the filesystem
+/// allows (no second write of the memory image), copies otherwise.
+fn export_images(images: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if std::fs::hard_link(entry.path(), &dest).is_err() {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// `tar -C dir -c . | zstd -1 -T0 > archive`.
+fn pack(dir: &Path, archive: &Path) -> anyhow::Result<()> {
+    let out = crate::container::private_file(archive)?;
+    let mut tar = Command::new("tar").arg("-C").arg(dir).args(["-cf", "-", "."]).stdout(Stdio::piped()).spawn()?;
+    let zstd = Command::new("zstd")
+        .args(["-1", "-T0", "-q", "-c"])
+        .stdin(tar.stdout.take().expect("piped"))
+        .stdout(out)
+        .output()?;
+    anyhow::ensure!(tar.wait()?.success() && zstd.status.success(), "tar | zstd failed");
+    Ok(())
+}
+
+/// `zstd -dc archive | tar -C dir -x`.
+fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<()> {
+    crate::container::create_private_dir(dir)?;
+    let mut zstd = Command::new("zstd").args(["-d", "-c", "-q"]).arg(archive).stdout(Stdio::piped()).spawn()?;
+    let tar =
+        Command::new("tar").arg("-C").arg(dir).args(["-xf", "-"]).stdin(zstd.stdout.take().expect("piped")).output()?;
+    anyhow::ensure!(zstd.wait()?.success() && tar.status.success(), "zstd -d | tar -x failed");
+    Ok(())
+}
+
+/// The newest published generations of a location, newest first.
+pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
+    let store = Store::new(&location.dir);
+    Ok(store
+        .generations()?
+        .into_iter()
+        .map(|g| {
+            let meta = Store::metadata(&g).and_then(|m| metadata::validate(&g.dir, &m).map(|()| m));
+            (g, meta)
+        })
+        .collect())
+}
+
+/// Whether a generation can be restored on this machine: CRIU of the same
+/// major version, and `criu cpuinfo check` against the recorded CPU.
+pub fn check_compatible(gen: &Generation, meta: &Metadata) -> Result<(), String> {
+    let local = metadata::tool_version("criu");
+    let major = |v: &str| v.split('.').next().unwrap_or("").to_owned();
+    if major(&local) != major(&meta.criu_version) {
+        return Err(format!("checkpoint taken with CRIU {}, this machine has {local}", meta.criu_version));
+    }
+    if meta.images_archive_bytes.is_none() && gen.dir.join("images/cpuinfo.img").exists() {
+        let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(gen.dir.join("images")).output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return Err(format!("criu cpuinfo check: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => return Err(format!("criu cpuinfo check: {e}")),
+        }
+    }
+    Ok(())
+}
+
+pub struct RestoreRequest<'a> {
+    pub config: &'a Config,
+    pub location: &'a Location,
+    pub runc: &'a Path,
+    pub globals: &'a [String],
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    /// Flags of the `create` call to keep (`--pid-file`, `--console-socket`, `--no-pivot`).
+    pub create_flags: &'a [String],
+}
+
+/// Restores the container from generation `name`: puts its writable layer
+/// back, then `runc restore --detach` with the new bundle. Returns runc's status.
+pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
+    let store = Store::new(&req.location.dir);
+    let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.location.dir.display()))?;
+    let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
+    let meta = Store::metadata(&gen)?;
+    metadata::validate(&gen.dir, &meta)?;
+    let staging = req.config.state_dir.join("staging").join(format!("restore-{}-{}", req.id, std::process::id()));
+    let _staging = StagingGuard(Some(staging.clone()));
+    let images = match meta.images_archive_bytes {
+        Some(_) => {
+            let images = staging.join("images");
+            unpack(&gen.dir.join("images.tar.zst"), &images).map_err(|e| format!("{e:#}"))?;
+            images
+        }
+        None => gen.dir.join("images"),
+    };
+    let work = staging.join("work");
+    crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
+    if meta.rootfs_archive_bytes.is_some() {
+        let started = Instant::now();
+        rootfs::apply(&gen.dir, &req.bundle.join("rootfs")).map_err(|e| format!("{e:#}"))?;
+        tracing::info!(id = req.id, ms = ms(started), "rootfs diff applied");
+    }
+    let mut argv = with_globals(
+        req.globals,
+        &[
+            "restore",
+            "--detach",
+            "--image-path",
+            path_str(&images),
+            "--work-path",
+            path_str(&work),
+            "--bundle",
+            path_str(req.bundle),
+        ],
+    );
+    argv.extend(req.create_flags.iter().cloned());
+    argv.extend(meta.runc_flags.iter().cloned());
+    argv.push(req.id.into());
+    let started = Instant::now();
+    let status = crate::runc::run(req.runc, &argv).map_err(|e| e.to_string())?;
+    tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
+    if status != 0 {
+        let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        tracing::warn!(id = req.id, generation = name, restore_log = ?tail, "restore failed");
+    }
+    Ok(status)
+}
+
+/// Moves a generation aside after it failed to restore.
+pub fn quarantine(location: &Location, name: &str, reason: &str) -> Result<(), String> {
+    let store = Store::new(&location.dir);
+    let _lock = store.lock().map_err(|e| e.to_string())?;
+    let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
+    store.quarantine(&gen, reason).map_err(|e| e.to_string())
+}

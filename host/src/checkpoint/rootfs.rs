@@ -1,0 +1,246 @@
+//! The container's writable layer: captured from its overlay upperdir at
+//! checkpoint, put back into a new container's rootfs at restore.
+//!
+//! Capture streams GNU tar (pax format: xattrs, modes, ownership, symlinks,
+//! hardlinks, large files) into multi-threaded zstd. Overlay whiteouts and
+//! opaque directories are not archived as such: they are listed in
+//! `rootfs-diff.json` and replayed as deletions, because restore writes
+//! through the new container's merged view (overlayfs then makes its own
+//! whiteouts in the new upperdir).
+//!
+//! Restore unpacks in a helper process chrooted into the new rootfs, so
+//! that symlinks in the container's files (which the container controls)
+//! resolve inside it and can never make root write outside it.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// argv[0] that makes arch-runc act as the unpack helper (see `helper_main`).
+pub const HELPER_ARGV0: &str = "arch-runc:apply-rootfs";
+pub const ARCHIVE: &str = "rootfs-diff.tar.zst";
+pub const MANIFEST: &str = "rootfs-diff.json";
+
+/// Deletions to replay before unpacking, as paths relative to the rootfs.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub whiteouts: Vec<PathBuf>,
+    pub opaque_dirs: Vec<PathBuf>,
+    pub files: u64,
+}
+
+/// The overlay upperdir mounted at `rootfs`, from /proc/self/mountinfo.
+pub fn upperdir(rootfs: &Path) -> std::io::Result<Option<PathBuf>> {
+    let rootfs = std::fs::canonicalize(rootfs)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // The last mount at a path is the one on top.
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        if fields.len() < sep + 4 || fields.get(4).map(|m| unescape(m)) != Some(rootfs.clone()) {
+            continue;
+        }
+        if fields[sep + 1] != "overlay" {
+            found = None;
+            continue;
+        }
+        found = fields[sep + 3].split(',').find_map(|o| o.strip_prefix("upperdir=")).map(unescape);
+    }
+    Ok(found)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+fn is_opaque(path: &Path) -> bool {
+    let mut value = [0u8; 4];
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    ["trusted.overlay.opaque", "user.overlay.opaque"].iter().any(|name| {
+        let c_name = std::ffi::CString::new(*name).unwrap();
+        // SAFETY: valid C strings and a buffer of the given length.
+        let n = unsafe { libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        n >= 1 && value[0] == b'y'
+    })
+}
+
+/// Walks the upperdir: the paths to archive (everything but whiteouts),
+/// and the deletions to replay.
+fn survey(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Manifest)> {
+    let mut files = Vec::new();
+    let mut manifest = Manifest::default();
+    let mut stack = vec![PathBuf::from(".")];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(upper.join(&rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            let meta = entry.metadata()?;
+            if meta.file_type().is_char_device() && meta.rdev() == 0 {
+                manifest.whiteouts.push(path);
+                continue;
+            }
+            if meta.is_dir() {
+                if is_opaque(&entry.path()) {
+                    manifest.opaque_dirs.push(path.clone());
+                }
+                stack.push(path.clone());
+            }
+            files.push(path);
+        }
+    }
+    files.sort();
+    manifest.files = files.len() as u64;
+    Ok((files, manifest))
+}
+
+/// Archives `upper` into `<dir>/rootfs-diff.tar.zst` and `<dir>/rootfs-diff.json`.
+/// Returns the archive's size and the manifest.
+pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
+    let (files, manifest) = survey(upper)?;
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
+    let archive = dir.join(ARCHIVE);
+    let out = crate::container::private_file(&archive)?;
+    // GNU tar applies -C only to names that follow it: it comes first.
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(upper)
+        .args(["--create", "--file=-", "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=*"])
+        .args(["--xattrs-exclude=trusted.overlay.*", "--no-recursion", "--null", "--files-from=-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let tar_out = tar.stdout.take().expect("piped");
+    let zstd = Command::new("zstd")
+        .args(["-1", "-T0", "-q", "-c"])
+        .stdin(tar_out)
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut list = Vec::new();
+    for f in &files {
+        list.extend_from_slice(f.as_os_str().as_bytes());
+        list.push(0);
+    }
+    let mut stdin = tar.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || stdin.write_all(&list));
+    let tar_result = tar.wait_with_output()?;
+    let zstd_result = zstd.wait_with_output()?;
+    writer.join().map_err(|_| anyhow::anyhow!("file list writer panicked"))??;
+    anyhow::ensure!(tar_result.status.success(), "tar: {}", String::from_utf8_lossy(&tar_result.stderr).trim());
+    anyhow::ensure!(zstd_result.status.success(), "zstd: {}", String::from_utf8_lossy(&zstd_result.stderr).trim());
+    Ok((std::fs::metadata(&archive)?.len(), manifest))
+}
+
+/// Puts a captured layer back: replays deletions, then unpacks, inside
+/// `rootfs` (the new container's merged view), via the chrooted helper.
+pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    let zstd = Command::new("zstd")
+        .args(["-d", "-c", "-q"])
+        .arg(dir.join(ARCHIVE))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let helper = Command::new("/proc/self/exe")
+        .arg0(HELPER_ARGV0)
+        .arg(rootfs)
+        .arg(dir.join(MANIFEST))
+        .stdin(zstd.stdout.expect("piped"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    anyhow::ensure!(
+        helper.status.success(),
+        "unpacking the rootfs diff: {}",
+        String::from_utf8_lossy(&helper.stderr).trim()
+    );
+    Ok(())
+}
+
+use std::os::unix::process::CommandExt;
+
+/// The unpack helper: `arch-runc:apply-rootfs ROOTFS MANIFEST`, tar on stdin.
+/// Runs as its own process so that its chroot never affects arch-runc.
+pub fn helper_main(args: &[std::ffi::OsString]) -> i32 {
+    match helper(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            // stderr is a pipe read by arch-runc, never containerd's.
+            let _ = writeln!(std::io::stderr(), "{e:#}");
+            1
+        }
+    }
+}
+
+fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    let [_, rootfs, manifest] = args else { anyhow::bail!("usage: {HELPER_ARGV0} ROOTFS MANIFEST") };
+    let manifest: Manifest = serde_json::from_slice(&std::fs::read(manifest)?)?;
+    std::os::unix::fs::chroot(rootfs)?;
+    std::env::set_current_dir("/")?;
+    let inside = |p: &Path| -> anyhow::Result<PathBuf> {
+        anyhow::ensure!(
+            p.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)),
+            "bad path {p:?} in manifest"
+        );
+        Ok(Path::new("/").join(p))
+    };
+    for dir in &manifest.opaque_dirs {
+        let dir = inside(dir)?;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                remove(&entry.path())?;
+            }
+        }
+    }
+    for path in &manifest.whiteouts {
+        remove(&inside(path)?)?;
+    }
+    let mut archive = tar::Archive::new(std::io::stdin().lock());
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    archive.unpack("/")?;
+    Ok(())
+}
+
+fn remove(path: &Path) -> std::io::Result<()> {
+    let result = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/a\040b\134c"), PathBuf::from("/a b\\c"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+}

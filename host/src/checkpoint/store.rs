@@ -1,0 +1,144 @@
+//! Generations of one checkpoint key, on disk:
+//!
+//! ```text
+//! <root>/<key>/.arch/lock                  flock: one checkpoint or restore at a time
+//! <root>/<key>/.arch/pending-<name>/       being written; never read by restore
+//! <root>/<key>/.arch/generations/<name>/   published: complete and validated
+//! <root>/<key>/.arch/quarantine/<name>/    failed to restore; never retried
+//! ```
+//!
+//! A generation is published by one `rename` of its pending directory after
+//! everything in it is written and fsynced, so a reader sees all of it or
+//! nothing. Keys cannot contain a `.arch` segment, so these never collide with
+//! a nested key.
+
+use super::metadata::Metadata;
+use crate::container::create_private_dir;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub struct Store {
+    arch: PathBuf,
+}
+
+/// A published generation, by name (sortable: newer names sort later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(key_dir: &Path) -> Self {
+        Store { arch: key_dir.join(".arch") }
+    }
+
+    fn generations_dir(&self) -> PathBuf {
+        self.arch.join("generations")
+    }
+
+    /// Takes the key's lock (blocking) for as long as the file lives.
+    pub fn lock(&self) -> std::io::Result<std::fs::File> {
+        create_private_dir(&self.arch)?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.arch.join("lock"))?;
+        // SAFETY: flock on a valid, open fd.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(file)
+    }
+
+    /// Published generations, newest first.
+    pub fn generations(&self) -> std::io::Result<Vec<Generation>> {
+        let mut gens = Vec::new();
+        let entries = match std::fs::read_dir(self.generations_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(gens),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with("gen-")) {
+                gens.push(Generation { name: name.to_owned(), dir: entry.path() });
+            }
+        }
+        gens.sort_by(|a, b| b.name.cmp(&a.name));
+        Ok(gens)
+    }
+
+    pub fn generation(&self, name: &str) -> Option<Generation> {
+        let valid = name.starts_with("gen-") && crate::argv::is_valid_id(name);
+        let dir = self.generations_dir().join(name);
+        (valid && dir.is_dir()).then(|| Generation { name: name.to_owned(), dir })
+    }
+
+    /// A new, empty pending directory (removing failed attempts left behind
+    /// by earlier checkpoints; the caller holds the lock).
+    pub fn begin(&self, name: &str) -> std::io::Result<PathBuf> {
+        create_private_dir(&self.arch)?;
+        for entry in std::fs::read_dir(&self.arch)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with("pending-") {
+                tracing::warn!(dir = %entry.path().display(), "removing a failed checkpoint attempt");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = self.arch.join(format!("pending-{name}"));
+        create_private_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Makes a complete pending generation visible, atomically.
+    pub fn publish(&self, pending: &Path, name: &str) -> std::io::Result<Generation> {
+        let gens = self.generations_dir();
+        create_private_dir(&gens)?;
+        fsync_tree(pending)?;
+        let dir = gens.join(name);
+        std::fs::rename(pending, &dir)?;
+        fsync_dir(&gens)?;
+        Ok(Generation { name: name.to_owned(), dir })
+    }
+
+    /// Moves a generation aside so that it is never tried again.
+    pub fn quarantine(&self, gen: &Generation, reason: &str) -> std::io::Result<()> {
+        let q = self.arch.join("quarantine");
+        create_private_dir(&q)?;
+        let _ = std::fs::write(gen.dir.join("quarantine-reason.txt"), reason);
+        std::fs::rename(&gen.dir, q.join(&gen.name))?;
+        fsync_dir(&self.generations_dir())
+    }
+
+    /// Keeps the newest `keep` generations, removes the rest.
+    pub fn prune(&self, keep: usize) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for gen in self.generations()?.into_iter().skip(keep.max(1)) {
+            std::fs::remove_dir_all(&gen.dir)?;
+            removed.push(gen.name);
+        }
+        Ok(removed)
+    }
+
+    pub fn metadata(gen: &Generation) -> Result<Metadata, String> {
+        let bytes = std::fs::read(gen.dir.join("metadata.json")).map_err(|e| format!("metadata.json: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("metadata.json: {e}"))
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// fsyncs every file and directory under `dir` (so that a crash after the
+/// publishing rename never shows a generation with missing data).
+fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            fsync_tree(&entry.path())?;
+        } else if ty.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fsync_dir(dir)
+}
