@@ -73,7 +73,12 @@ impl Harness {
             record_path,
             allowed_roots: vec![PathBuf::from("/var/lib/arch/checkpoints")],
             runner: Box::new(recorder.clone()),
-            config: arch::config::Config::default(),
+            config: arch::config::Config {
+                checkpoint_dir: self.dir.path().join("checkpoints"),
+                network_fs_dir: self.dir.path().join("netfs"),
+                state_dir: self.dir.path().to_path_buf(),
+                ..Default::default()
+            },
             runc: PathBuf::from("/bin/false"),
             counters: Some(arch::metrics::Counters::new(self.dir.path())),
             ran_original: None,
@@ -105,12 +110,9 @@ impl Harness {
 #[test]
 fn builtins_pass_through() {
     let h = Harness::new();
-    for (sub, line) in [
-        ("create", "create --bundle /b --pid-file /b/init.pid c1"),
-        ("start", "start c1"),
-        ("checkpoint", "checkpoint --image-path /tmp/x --leave-running c1"),
-        ("resume", "resume c1"),
-    ] {
+    for (sub, line) in
+        [("create", "create --bundle /b --pid-file /b/init.pid c1"), ("start", "start c1"), ("resume", "resume c1")]
+    {
         let (ctx, recorder) = h.context(line, &[("ARCH_ENABLE", "1")], &[], 0);
         let (decision, _) = h.run_builtin(sub, ctx);
         assert_eq!(decision.unwrap(), Decision::PassThrough, "{sub}");
@@ -118,6 +120,30 @@ fn builtins_pass_through() {
     }
     let totals = arch::metrics::Counters::new(h.dir.path()).totals().unwrap();
     assert_eq!(totals.get("create_fresh_total"), Some(&1));
+}
+
+#[test]
+fn builtin_start_of_a_restored_container_needs_no_runc() {
+    let h = Harness::new();
+    let (ctx, recorder) = h.context("start c1", &[("ARCH_ENABLE", "1")], &[], 0);
+    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
+    record.notes.insert("restored-from".into(), "gen-1".into());
+    Records::store(&ctx.record_path, &record).unwrap();
+    assert_eq!(h.run_builtin("start", ctx).0.unwrap(), Decision::Exit(0));
+    assert!(recorder.calls.lock().unwrap().is_empty());
+}
+
+#[test]
+fn builtin_create_refuses_hostile_keys_and_starts_fresh() {
+    let h = Harness::new();
+    for key in ["../../etc", "/etc", &"k".repeat(5000)] {
+        let (ctx, _) =
+            h.context("create --bundle /b c1", &[("ARCH_ENABLE", "1"), ("ARCH_CHECKPOINT_KEY", key)], &[], 0);
+        assert_eq!(h.run_builtin("create", ctx).0.unwrap(), Decision::PassThrough, "{key}");
+    }
+    let totals = arch::metrics::Counters::new(h.dir.path()).totals().unwrap();
+    assert_eq!(totals.get("restore_refused_key_total"), Some(&3));
+    assert!(!h.dir.path().join("checkpoints").exists(), "nothing written for a refused key");
 }
 
 #[test]

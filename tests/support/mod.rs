@@ -2,6 +2,8 @@
 //! recording fake runc. Not every test file uses every helper.
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,277 @@
+//! Checkpoint and resume on real parts (root, private containerd, runc, CRIU):
+//! a counter that continues after checkpoint, kill, delete and a new run;
+//! its writable layer; new ids sharing a key; migration between two
+//! containerds over a Network FS root; corrupt generations; concurrency; and
+//! hostile keys.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::containerd::*;
+use support::*;
+
+/// Counts in /data/count (continuing from it if present) and keeps
+/// /data/held.log open on fd 3 the whole time.
+const COUNTER: &str = "i=0; [ -f /data/count ] && i=$(cat /data/count); exec 3>>/data/held.log; \
+                       while true; do i=$((i+1)); echo $i > /data/count; echo $i >&3; sleep 0.1; done";
+
+fn count(ctd: &Containerd, id: &str) -> u64 {
+    let exec_id =
+        format!("c{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "cat", "/data/count"]).trim().parse().unwrap()
+}
+
+fn exec(ctd: &Containerd, id: &str, script: &str) -> String {
+    let exec_id =
+        format!("e{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "sh", "-c", script])
+}
+
+fn start_counter(ctd: &Containerd, id: &str, env: &[&str]) {
+    let mut env = env.to_vec();
+    env.push("ARCH_ENABLE=1");
+    let out = ctd.run(id, &env, true, &["sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ctd.wait_status(id, "RUNNING");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+}
+
+/// `ctr task checkpoint`: pause, checkpoint (--leave-running unless `exit`), resume.
+/// ctr itself may report "content already exists" for a second image of a
+/// task, so success is judged by the generation ARCH published.
+fn checkpoint(ctd: &Containerd, id: &str, exit: bool, key_dir: &Path) -> String {
+    let before = generations(key_dir);
+    let mut args = vec!["task", "checkpoint"];
+    if exit {
+        args.push("--exit");
+    }
+    args.push(id);
+    let _ = ctd.ctr(&args);
+    let after = generations(key_dir);
+    let new: Vec<_> = after.iter().filter(|g| !before.contains(g)).cloned().collect();
+    assert_eq!(new.len(), 1, "one new generation: before {before:?} after {after:?}; log: {:?}", errors(&ctd.inst));
+    new[0].clone()
+}
+
+fn generations(key_dir: &Path) -> Vec<String> {
+    let mut g: Vec<String> = std::fs::read_dir(key_dir.join(".arch/generations"))
+        .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    g.sort();
+    g
+}
+
+fn errors(inst: &Instance) -> Vec<String> {
+    inst.log().into_iter().filter(|r| r["level"] == "ERROR").map(|r| r.to_string()).collect()
+}
+
+fn remove(ctd: &Containerd, id: &str) {
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    if ctd.task_status(id) != "" {
+        ctd.wait_status(id, "STOPPED");
+        ctd.ok(&["task", "delete", id]);
+    }
+    ctd.ok(&["container", "delete", id]);
+}
+
+fn restored_from(inst: &Instance, id: &str) -> Option<String> {
+    inst.log().into_iter().rev().find_map(|r| {
+        let m = r["message"].as_str()?;
+        m.strip_prefix(&format!("create {id}: restored from ")).map(|s| s.rsplit('/').next().unwrap().to_owned())
+    })
+}
+
+#[test]
+fn counter_layer_and_open_file_survive_checkpoint_kill_and_rerun() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-counter");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    exec(&ctd, "job", "echo kept > /data/written.txt; rm /etc/group");
+    let before = count(&ctd, "job");
+    let held_before = exec(&ctd, "job", "wc -l < /data/held.log").trim().parse::<u64>().unwrap();
+    let gen = checkpoint(&ctd, "job", false, &key_dir);
+    assert_eq!(ctd.task_status("job"), "RUNNING", "--leave-running keeps it running");
+    remove(&ctd, "job");
+
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(gen.as_str()));
+    let after = count(&ctd, "job");
+    assert!(after >= before, "the counter continues from at least {before}, got {after}");
+    assert_eq!(exec(&ctd, "job", "cat /data/written.txt").trim(), "kept");
+    assert_eq!(exec(&ctd, "job", "ls /etc/group 2>/dev/null || echo absent").trim(), "absent");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let held_after = exec(&ctd, "job", "wc -l < /data/held.log").trim().parse::<u64>().unwrap();
+    assert!(
+        held_after > held_before,
+        "the restored process still writes through its open fd ({held_before} -> {held_after})"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(key_dir.join(".arch/generations").join(&gen).join("metadata.json")).unwrap(),
+    )
+    .unwrap();
+    // "publish" is timed after metadata.json is written: it is in the log line.
+    for phase in ["dump", "rootfs", "freeze"] {
+        assert!(meta["phases_ms"][phase].is_u64(), "{phase} timed: {meta}");
+    }
+    assert!(meta["criu_version"].as_str().unwrap().starts_with('4'));
+    let mode =
+        std::fs::metadata(&key_dir).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap();
+    assert_eq!(mode, 0o700, "checkpoint dirs are private");
+    assert!(errors(&ctd.inst).is_empty(), "{:?}", errors(&ctd.inst));
+    remove(&ctd, "job");
+}
+
+#[test]
+fn checkpoint_with_exit_then_a_new_id_with_the_same_key_resumes() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-key");
+    let key_dir = ctd.inst.path("checkpoints").join("batch/job-7");
+    start_counter(&ctd, "attempt-1", &["ARCH_CHECKPOINT_KEY=batch/job-7"]);
+    let before = count(&ctd, "attempt-1");
+    checkpoint(&ctd, "attempt-1", true, &key_dir);
+    ctd.wait_status("attempt-1", "STOPPED");
+    remove(&ctd, "attempt-1");
+    start_counter(&ctd, "attempt-2", &["ARCH_CHECKPOINT_KEY=batch/job-7"]);
+    assert!(restored_from(&ctd.inst, "attempt-2").is_some());
+    assert!(count(&ctd, "attempt-2") >= before);
+    remove(&ctd, "attempt-2");
+}
+
+#[test]
+fn migration_between_two_containerds_over_a_network_fs_root() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let shared = tempfile::Builder::new().prefix("arch-netfs").tempdir().unwrap();
+    let instance = || {
+        Instance::with(
+            Path::new("/usr/sbin/runc"),
+            serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() }),
+        )
+    };
+    let a = Containerd::start_with("arch-ck-host-a", instance());
+    let key_dir = shared.path().join("migrating");
+    start_counter(&a, "worker", &["ARCH_CHECKPOINT_KEY=migrating"]);
+    let before = count(&a, "worker");
+    let gen = checkpoint(&a, "worker", false, &key_dir);
+    let gen_dir = key_dir.join(".arch/generations").join(&gen);
+    assert!(
+        gen_dir.join("images.tar.zst").is_file() && !gen_dir.join("images").exists(),
+        "one archive, not CRIU's files"
+    );
+    remove(&a, "worker");
+    drop(a);
+
+    let b = Containerd::start_with("arch-ck-host-b", instance());
+    start_counter(&b, "worker", &["ARCH_CHECKPOINT_KEY=migrating"]);
+    assert_eq!(restored_from(&b.inst, "worker").as_deref(), Some(gen.as_str()));
+    assert!(count(&b, "worker") >= before);
+    remove(&b, "worker");
+}
+
+#[test]
+fn corrupt_generations_fall_back_to_older_ones_then_to_a_fresh_start() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-corrupt");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    let older = checkpoint(&ctd, "job", false, &key_dir);
+    let newer = checkpoint(&ctd, "job", false, &key_dir);
+    remove(&ctd, "job");
+    let archive = key_dir.join(".arch/generations").join(&newer).join("rootfs-diff.tar.zst");
+    let len = std::fs::metadata(&archive).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&archive).unwrap().set_len(len / 2).unwrap();
+
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(older.as_str()), "truncated newest: the older one");
+    assert!(key_dir.join(".arch/quarantine").join(&newer).is_dir(), "the truncated one is set aside");
+    remove(&ctd, "job");
+
+    std::fs::write(key_dir.join(".arch/generations").join(&older).join("dump.log"), "Error: Dumping FAILED\n").unwrap();
+    start_counter(&ctd, "job", &[]);
+    let log = ctd.inst.log();
+    assert!(log.iter().any(|r| r["message"].as_str().is_some_and(|m| m.ends_with("job: starting fresh"))));
+    assert!(count(&ctd, "job") < 100, "a fresh counter");
+    assert!(generations(&key_dir).is_empty(), "nothing left to retry in a loop");
+    remove(&ctd, "job");
+}
+
+#[test]
+fn concurrent_checkpoints_serialize_and_a_killed_one_leaves_the_last_good() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-race");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    let root = format!("/run/containerd/runc/{}", ctd.ns);
+    let direct = || {
+        let mut cmd = ctd.inst.arch_runc();
+        cmd.args(["--root", &root, "checkpoint", "--leave-running", "job"]);
+        cmd
+    };
+    let (mut one, mut two) = (direct().spawn().unwrap(), direct().spawn().unwrap());
+    assert!(one.wait().unwrap().success() && two.wait().unwrap().success());
+    let gens = generations(&key_dir);
+    assert_eq!(gens.len(), 2, "both published, one after the other: {gens:?}");
+    assert_eq!(ctd.task_status("job"), "RUNNING");
+
+    let mut victim = direct().spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    if ctd.task_status("job") == "PAUSED" {
+        ctd.ok(&["task", "resume", "job"]);
+    }
+    assert_eq!(generations(&key_dir), gens, "the killed attempt published nothing and removed nothing");
+    remove(&ctd, "job");
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(gens[1].as_str()));
+    remove(&ctd, "job");
+}
+
+#[test]
+fn hostile_values_are_refused_and_the_container_still_runs() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-hostile");
+    let huge = format!("ARCH_CHECKPOINT_KEY={}", "x".repeat(100_000));
+    for (i, env) in [
+        "ARCH_CHECKPOINT_KEY=../../etc",
+        "ARCH_CHECKPOINT_KEY=/etc/arch-evil",
+        huge.as_str(),
+        "ARCH_CHECKPOINT_MODE=/tmp",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let id = format!("h{i}");
+        start_counter(&ctd, &id, &[env]);
+        assert!(count(&ctd, &id) > 0, "{env}: the container runs");
+        let _ = ctd.ctr(&["task", "checkpoint", &id]);
+        assert_eq!(ctd.task_status(&id), "RUNNING", "{env}");
+        remove(&ctd, &id);
+    }
+    assert!(!Path::new("/etc/arch-evil").exists() && !ctd.inst.path("etc").exists());
+    let escaped: Vec<PathBuf> =
+        ["checkpoints", "netfs"].iter().map(|d| ctd.inst.path(d)).filter(|p| p.exists()).collect();
+    assert!(escaped.is_empty(), "nothing written under the roots for refused keys: {escaped:?}");
+    let refused = ctd
+        .inst
+        .log()
+        .into_iter()
+        .filter(|r| r["level"] == "ERROR" && r["message"].as_str().unwrap_or("").contains("ARCH_CHECKPOINT"))
+        .count();
+    assert!(refused >= 8, "each refusal logged at create and at checkpoint, got {refused}");
+    let _ = Command::new("true").status();
+}

@@ -1,0 +1,141 @@
+//! A private containerd for system tests: own root, state and socket under an
+//! ARCH instance's temp dir, a busybox image built by the test, and
+//! `ctr run --runc-binary <arch-runc>`.
+
+use super::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const IMAGE: &str = "localhost/arch-busybox:latest";
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn have(bin: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {bin}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// Whether the system tests can run here (root, containerd, ctr, runc, busybox).
+pub fn ready() -> bool {
+    let missing: Vec<_> =
+        ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"].into_iter().filter(|b| !have(b)).collect();
+    require(is_root(), "root") && require(missing.is_empty(), &format!("{missing:?} (scripts/setup.sh installs them)"))
+}
+
+/// Whether checkpoint tests can run: also CRIU 4.x, iptables, tar and zstd.
+pub fn ready_for_checkpoints() -> bool {
+    let criu4 = Command::new("criu")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Version: 4"));
+    let missing: Vec<_> = ["iptables-restore", "tar", "zstd"].into_iter().filter(|b| !have(b)).collect();
+    ready() && require(criu4, "CRIU 4.x (scripts/setup.sh)") && require(missing.is_empty(), &format!("{missing:?}"))
+}
+
+/// A private containerd with an ARCH instance whose real runc is the real runc.
+pub struct Containerd {
+    pub inst: Instance,
+    pub dir: PathBuf,
+    pub ns: String,
+}
+
+impl Containerd {
+    pub fn start(ns: &str) -> Self {
+        Self::start_with(ns, Instance::new(Path::new("/usr/sbin/runc")))
+    }
+
+    /// A containerd whose arch-runc uses `inst`'s configuration.
+    pub fn start_with(ns: &str, inst: Instance) -> Self {
+        let dir = inst.path("containerd");
+        let status = Command::new("bash")
+            .arg(repo().join("scripts/private-containerd.sh"))
+            .args(["start"])
+            .arg(&dir)
+            .env("ARCH_CONFIG", &inst.config)
+            .status()
+            .unwrap();
+        assert!(status.success(), "private containerd did not start");
+        // A namespace of its own per test: the shim's runc root is shared
+        // (/run/containerd/runc/<ns>) by every containerd on the machine.
+        let ctd = Containerd { inst, dir, ns: format!("{ns}-{}", std::process::id()) };
+        let image = ctd.inst.path("image.tar");
+        let built = Command::new("bash").arg(repo().join("scripts/make-image.sh")).arg(&image).status().unwrap();
+        assert!(built.success());
+        ctd.ok(&["images", "import", image.to_str().unwrap()]);
+        ctd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir.join("containerd.sock"))
+            .args(["-n", &self.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ctr run` through arch-runc, with `env` set in the container.
+    pub fn run(&self, id: &str, env: &[&str], detach: bool, cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "--runc-binary", env!("CARGO_BIN_EXE_arch-runc")];
+        if detach {
+            args.push("-d");
+        } else {
+            args.push("--rm");
+        }
+        for e in env {
+            args.extend(["--env", e]);
+        }
+        args.extend([IMAGE, id]);
+        args.extend(cmd);
+        self.ctr(&args)
+    }
+
+    pub fn task_status(&self, id: &str) -> String {
+        let list = self.ok(&["task", "ls"]);
+        list.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    pub fn wait_status(&self, id: &str, want: &str) {
+        for _ in 0..100 {
+            if self.task_status(id) == want {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("task {id} never reached {want} (now {:?})", self.task_status(id));
+    }
+
+    /// ARCH's invocation records for container `id`.
+    pub fn handled(&self, id: &str) -> Vec<(String, bool)> {
+        self.inst
+            .invocations()
+            .into_iter()
+            .filter(|r| r["argv_in"].as_str().unwrap_or("").contains(&format!("\"{id}\"")))
+            .map(|r| (r["subcommand"].as_str().unwrap().to_owned(), r["arch_enabled"].as_bool().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ =
+            Command::new("bash").arg(repo().join("scripts/private-containerd.sh")).arg("stop").arg(&self.dir).status();
+    }
+}
