@@ -95,6 +95,11 @@ fn counter_layer_and_open_file_survive_checkpoint_kill_and_rerun() {
     let held_before = exec(&ctd, "job", "wc -l < /data/held.log").trim().parse::<u64>().unwrap();
     let gen = checkpoint(&ctd, "job", false, &key_dir);
     assert_eq!(ctd.task_status("job"), "RUNNING", "--leave-running keeps it running");
+    let early =
+        ctd.inst.log().iter().any(|r| {
+            r["message"].as_str().is_some_and(|m| m.starts_with("resume job: already running since checkpoint"))
+        });
+    assert!(early, "ARCH resumed the container before compressing; containerd's resume needed no runc");
     remove(&ctd, "job");
 
     start_counter(&ctd, "job", &[]);
@@ -114,7 +119,7 @@ fn counter_layer_and_open_file_survive_checkpoint_kill_and_rerun() {
     )
     .unwrap();
     // "publish" is timed after metadata.json is written: it is in the log line.
-    for phase in ["dump", "rootfs", "freeze"] {
+    for phase in ["dump", "rootfs_copy", "rootfs_compress", "freeze"] {
         assert!(meta["phases_ms"][phase].is_u64(), "{phase} timed: {meta}");
     }
     assert!(meta["criu_version"].as_str().unwrap().starts_with('4'));

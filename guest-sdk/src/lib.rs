@@ -132,6 +132,9 @@ pub mod state {
     pub fn set(key: &str, value: &str) -> Result<(), String> {
         imp::set(key, value)
     }
+    pub fn unset(key: &str) -> Result<(), String> {
+        imp::unset(key)
+    }
     pub fn forget() -> Result<(), String> {
         imp::forget()
     }

@@ -75,7 +75,16 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// Takes a checkpoint into a new generation and publishes it.
-pub fn take(req: &TakeRequest) -> Result<(Generation, Metadata), TakeError> {
+/// A published checkpoint.
+pub struct Taken {
+    pub generation: Generation,
+    pub metadata: Metadata,
+    /// ARCH resumed a container that its caller had paused: the caller's
+    /// `resume` must then succeed without runc.
+    pub resumed_early: bool,
+}
+
+pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
     let store = Store::new(&req.location.dir);
     let _lock = store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.location.dir.display())))?;
     let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
@@ -87,12 +96,7 @@ pub fn take(req: &TakeRequest) -> Result<(Generation, Metadata), TakeError> {
     result
 }
 
-fn take_into(
-    req: &TakeRequest,
-    store: &Store,
-    pending: &Path,
-    name: &str,
-) -> Result<(Generation, Metadata), TakeError> {
+fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Result<Taken, TakeError> {
     let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
     // CRIU writes many small files: on a network FS they go to local staging
     // first and reach the share as one archive.
@@ -124,13 +128,10 @@ fn take_into(
     let status = crate::runc::run(req.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
-    let resume = || {
+    if status != 0 {
         if paused_by_us {
             runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id]));
         }
-    };
-    if status != 0 {
-        resume();
         return Err(TakeError::Runc(status));
     }
     let mut meta = Metadata {
@@ -150,27 +151,38 @@ fn take_into(
     };
     meta.phases_ms.insert("dump".into(), dump_ms);
 
+    // Frozen part: an uncompressed copy of the layer (it must match the
+    // memory image). Compression and packing happen once it runs again.
     let started = Instant::now();
-    let captured = rootfs::upperdir(&req.bundle.join("rootfs"))
+    let staged = local.join("rootfs-diff.tar");
+    let manifest = rootfs::upperdir(&req.bundle.join("rootfs"))
         .map_err(|e| incomplete("finding the rootfs upperdir", &e))
         .and_then(|upper| match upper {
             Some(upper) => {
-                rootfs::capture(&upper, pending).map(Some).map_err(|e| incomplete("capturing the rootfs", &e))
+                rootfs::stage(&upper, pending, &staged).map(Some).map_err(|e| incomplete("copying the rootfs", &e))
             }
             None => {
                 tracing::warn!(id = req.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
                 Ok(None)
             }
         });
-    resume();
+    meta.phases_ms.insert("rootfs_copy".into(), ms(started));
+    // Running again: resume what we paused, and what containerd paused for
+    // this checkpoint too (its own `resume` then succeeds without runc).
+    let mut resumed_early = false;
     if req.leave_running {
+        let status = runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id]));
+        resumed_early = status == 0 && !paused_by_us;
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
-    if let Some((bytes, manifest)) = captured? {
-        meta.rootfs_archive_bytes = Some(bytes);
+    let manifest = manifest?;
+    let started = Instant::now();
+    if let Some(manifest) = manifest {
+        meta.rootfs_archive_bytes =
+            Some(rootfs::compress(&staged, pending).map_err(|e| incomplete("compressing the rootfs", &e))?);
         meta.rootfs_files = manifest.files;
     }
-    meta.phases_ms.insert("rootfs".into(), ms(started));
+    meta.phases_ms.insert("rootfs_compress".into(), ms(started));
 
     std::fs::copy(work.join("dump.log"), pending.join("dump.log")).map_err(|e| incomplete("dump.log", &e))?;
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
@@ -203,7 +215,7 @@ fn take_into(
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
-    Ok((gen, meta))
+    Ok(Taken { generation: gen, metadata: meta, resumed_early })
 }
 
 /// Removes a network-FS staging directory when the checkpoint is done.

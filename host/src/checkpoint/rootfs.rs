@@ -110,13 +110,12 @@ fn survey(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Manifest)> {
     Ok((files, manifest))
 }
 
-/// Archives `upper` into `<dir>/rootfs-diff.tar.zst` and `<dir>/rootfs-diff.json`.
-/// Returns the archive's size and the manifest.
-pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
+/// Copies `upper` into the uncompressed tar `staged` (and writes the
+/// manifest into `dir`): the part that needs the container frozen.
+pub fn stage(upper: &Path, dir: &Path, staged: &Path) -> anyhow::Result<Manifest> {
     let (files, manifest) = survey(upper)?;
     std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
-    let archive = dir.join(ARCHIVE);
-    let out = crate::container::private_file(&archive)?;
+    let out = crate::container::private_file(staged)?;
     // GNU tar applies -C only to names that follow it: it comes first.
     let mut tar = Command::new("tar")
         .arg("-C")
@@ -124,13 +123,6 @@ pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
         .args(["--create", "--file=-", "--format=posix", "--numeric-owner", "--xattrs", "--xattrs-include=*"])
         .args(["--xattrs-exclude=trusted.overlay.*", "--no-recursion", "--null", "--files-from=-"])
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let tar_out = tar.stdout.take().expect("piped");
-    let zstd = Command::new("zstd")
-        .args(["-1", "-T0", "-q", "-c"])
-        .stdin(tar_out)
         .stdout(out)
         .stderr(Stdio::piped())
         .spawn()?;
@@ -142,11 +134,21 @@ pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
     let mut stdin = tar.stdin.take().expect("piped");
     let writer = std::thread::spawn(move || stdin.write_all(&list));
     let tar_result = tar.wait_with_output()?;
-    let zstd_result = zstd.wait_with_output()?;
     writer.join().map_err(|_| anyhow::anyhow!("file list writer panicked"))??;
     anyhow::ensure!(tar_result.status.success(), "tar: {}", String::from_utf8_lossy(&tar_result.stderr).trim());
-    anyhow::ensure!(zstd_result.status.success(), "zstd: {}", String::from_utf8_lossy(&zstd_result.stderr).trim());
-    Ok((std::fs::metadata(&archive)?.len(), manifest))
+    Ok(manifest)
+}
+
+/// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst` (multi-threaded
+/// zstd), removes the staged tar, and returns the archive's size.
+pub fn compress(staged: &Path, dir: &Path) -> anyhow::Result<u64> {
+    let archive = dir.join(ARCHIVE);
+    let out = crate::container::private_file(&archive)?;
+    let zstd =
+        Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).arg(staged).stdout(out).stderr(Stdio::piped()).output()?;
+    anyhow::ensure!(zstd.status.success(), "zstd: {}", String::from_utf8_lossy(&zstd.stderr).trim());
+    let _ = std::fs::remove_file(staged);
+    Ok(std::fs::metadata(&archive)?.len())
 }
 
 /// Puts a captured layer back: replays deletions, then unpacks, inside

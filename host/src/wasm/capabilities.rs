@@ -14,6 +14,10 @@ use std::path::{Component, Path, PathBuf};
 const ALLOWED_SUBCOMMANDS: &[&str] =
     &["checkpoint", "create", "delete", "events", "kill", "pause", "ps", "restore", "resume", "start", "state"];
 
+/// Record note: ARCH resumed the container after its checkpoint; the
+/// caller's next `resume` succeeds without runc (see the resume module).
+pub const RESUMED_EARLY: &str = "resumed-after-checkpoint";
+
 const MAX_LOG_MESSAGE: usize = 4096;
 const MAX_NOTES: usize = 64;
 const MAX_NOTE_VALUE: usize = 64 * 1024;
@@ -183,6 +187,13 @@ impl state::Host for HostState {
         }))
     }
 
+    fn unset(&mut self, key: String) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.ctx.update_record(|r| {
+            r.notes.remove(&key);
+            Ok(())
+        }))
+    }
+
     fn forget(&mut self) -> wasmtime::Result<Result<(), String>> {
         Ok(Records::forget(&self.ctx.record_path)
             .map_err(|e| format!("removing ARCH's record of {}: {e}", self.ctx.id)))
@@ -235,7 +246,15 @@ impl checkpoints::Host for HostState {
         };
         let started = std::time::Instant::now();
         Ok(match checkpoint::take(&request) {
-            Ok((gen, meta)) => {
+            Ok(checkpoint::Taken { generation: gen, metadata: meta, resumed_early }) => {
+                if resumed_early {
+                    if let Err(e) = ctx.update_record(|r| {
+                        r.notes.insert(RESUMED_EARLY.into(), gen.name.clone());
+                        Ok(())
+                    }) {
+                        tracing::error!(id = %ctx.id, error = %e, "the caller's resume will reach runc");
+                    }
+                }
                 tracing::info!(id = %ctx.id, key = %location.key, generation = %gen.name, phases_ms = ?meta.phases_ms,
                     images_bytes = meta.images_bytes, rootfs_bytes = meta.rootfs_archive_bytes.unwrap_or(0),
                     total_ms = started.elapsed().as_millis() as u64, "checkpoint published");
