@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: on a fresh Debian 12 machine (as root), install what
-# is needed, build arch-runc, start a private containerd, and run one container
-# without and one with ARCH_ENABLE=1 through arch-runc, showing ARCH's log.
+# is needed, build arch-runc, start a private containerd, run one container
+# without and one with ARCH_ENABLE=1 through arch-runc, then checkpoint a
+# counter, kill and delete it, run it again and watch it continue counting.
 # Everything lives under $ARCH_DEMO_DIR (default /tmp/arch-demo); the machine's
 # own containerd and /etc/arch are not touched.
 set -euo pipefail
@@ -53,6 +54,32 @@ ctr run --rm --runc-binary "$arch_runc" --env ARCH_ENABLE=1 localhost/arch-busyb
 echo "ctr exit code: $?"
 set -e
 
+counter='i=0; [ -f /data/count ] && i=$(cat /data/count); while true; do i=$((i+1)); echo $i > /data/count; sleep 0.2; done'
+count() { ctr tasks exec --exec-id "read-$RANDOM" counter cat /data/count; }
+wait_stopped() { for _ in $(seq 50); do ctr tasks ls | grep -q "^counter .*STOPPED" && return; sleep 0.1; done; }
+
+say "a counter with ARCH_ENABLE=1, counting every 0.2 s in its writable layer (/data/count)"
+ctr run -d --runc-binary "$arch_runc" --env ARCH_ENABLE=1 localhost/arch-busybox:latest counter sh -c "$counter"
+sleep 3
+echo "count now: $(count)"
+say "checkpoint it (ctr task checkpoint: pause, checkpoint, resume)"
+ctr tasks checkpoint counter >/dev/null 2>&1 || true
+echo "count just after the checkpoint: $(count)"
+find "$demo/checkpoints" -path '*generations/gen-*' -maxdepth 5 -type d | sed 's/^/published: /'
+sleep 1
+say "kill it (as a Spot reclaim would) and delete it"
+echo "count before the kill: $(count)"
+ctr tasks kill -s SIGKILL counter
+wait_stopped
+ctr tasks delete counter >/dev/null
+ctr containers delete counter
+say "run the same container again: ARCH restores the checkpoint instead of starting anew"
+ctr run -d --runc-binary "$arch_runc" --env ARCH_ENABLE=1 localhost/arch-busybox:latest counter sh -c "$counter"
+sleep 1
+echo "count after the restore: $(count)   (a fresh start would be near 5)"
+sleep 1
+echo "and still counting:      $(count)"
+
 say "ARCH's log ($ARCH_CONFIG -> $demo/arch-runc.log): one line per runc call"
 python3 - "$demo/arch-runc.log" <<'PY' 2>/dev/null || cat "$demo/arch-runc.log"
 import json, sys
@@ -66,3 +93,4 @@ for line in open(sys.argv[1]):
 PY
 say "modules serving each subcommand (archctl modules list)"
 "$bin/archctl" modules list
+ctr tasks kill -s SIGKILL counter >/dev/null 2>&1 || true
