@@ -7,7 +7,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use support::containerd::*;
 use support::*;
 
@@ -68,7 +67,7 @@ fn errors(inst: &Instance) -> Vec<String> {
 
 fn remove(ctd: &Containerd, id: &str) {
     let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    if ctd.task_status(id) != "" {
+    if !ctd.task_status(id).is_empty() {
         ctd.wait_status(id, "STOPPED");
         ctd.ok(&["task", "delete", id]);
     }
@@ -278,5 +277,4 @@ fn hostile_values_are_refused_and_the_container_still_runs() {
         .filter(|r| r["level"] == "ERROR" && r["message"].as_str().unwrap_or("").contains("ARCH_CHECKPOINT"))
         .count();
     assert!(refused >= 8, "each refusal logged at create and at checkpoint, got {refused}");
-    let _ = Command::new("true").status();
 }
