@@ -44,9 +44,6 @@ pub struct Config {
     pub checkpoint_flags: Vec<String>,
     /// Published generations kept per key.
     pub keep_generations: usize,
-    /// When no checkpoint can be restored: `fresh` (start the container anew)
-    /// or `fail` (fail the create). A container may set `ARCH_RESTORE_FAILURE`.
-    pub restore_failure: String,
 }
 
 impl Default for Config {
@@ -65,7 +62,6 @@ impl Default for Config {
             module_memory_mib: 64,
             checkpoint_flags: vec!["--file-locks".into()],
             keep_generations: 2,
-            restore_failure: "fresh".into(),
         }
     }
 }
