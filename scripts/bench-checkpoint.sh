@@ -22,10 +22,9 @@ bin=$(bash "$repo/scripts/bin-dir.sh")
 runc=$(command -v runc)
 work=$(mktemp -d /var/tmp/arch-bench-ck.XXXXXX)
 root=$work/runc-root
-mounts=()
 cleanup() {
   for id in $("$runc" --root "$root" list -q 2>/dev/null); do "$runc" --root "$root" delete -f "$id" >/dev/null 2>&1 || true; done
-  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || true; done
+  grep -o " $work/[^ ]*/rootfs" /proc/self/mountinfo | while read -r m; do umount "$m" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -41,16 +40,15 @@ cat >"$work/config.json" <<JSON
  "modules_dir": "$work/modules", "checkpoint_dir": "$work/checkpoints", "runc": "$runc", "keep_generations": 1}
 JSON
 export ARCH_CONFIG=$work/config.json
-(cd "$work" && "$runc" spec && mv config.json spec.json)
+mkdir -p "$work/spec" && (cd "$work/spec" && "$runc" spec) && mv "$work/spec/config.json" "$work/spec.json"
 
 n=0
-# bundle NAME MEM -> a bundle whose rootfs is a fresh overlay (empty upperdir)
+# bundle NAME MEM [LAYER_MIB] -> a bundle whose rootfs is a fresh overlay (empty upperdir)
 bundle() {
   local b=$work/b-$1
   mkdir -p "$b/rootfs" "$b/upper" "$b/ovl-work"
   mount -t overlay overlay -o "lowerdir=$lower,upperdir=$b/upper,workdir=$b/ovl-work" "$b/rootfs"
-  mounts+=("$b/rootfs")
-  python3 - "$work/spec.json" "$b/config.json" "$2" "$layer_mib" <<'PY'
+  python3 - "$work/spec.json" "$b/config.json" "$2" "${3:-$layer_mib}" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))
 c["process"]["terminal"] = False
@@ -70,6 +68,11 @@ run_arch() { # run_arch ID BUNDLE: create through arch-runc (restores if a check
   "$bin/arch-runc" --root "$root" start "$1"
 }
 drop() { "$runc" --root "$root" delete -f "$1" >/dev/null 2>&1 || true; }
+
+# Warm-up: compile every module into the cache, outside the measurements.
+b=$(bundle warm 1 4); run_arch warm "$b"; wait_ready "$b"
+"$bin/arch-runc" --root "$root" checkpoint warm; drop warm
+b=$(bundle warm2 1 4); run_arch warm2 "$b"; drop warm2
 
 results=()
 for mem in "${sizes[@]}"; do

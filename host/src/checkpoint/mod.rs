@@ -129,9 +129,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
-        if paused_by_us {
-            runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id]));
-        }
+        resume_if(req, paused_by_us);
         return Err(TakeError::Runc(status));
     }
     let mut meta = Metadata {
@@ -151,38 +149,47 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     };
     meta.phases_ms.insert("dump".into(), dump_ms);
 
-    // Frozen part: an uncompressed copy of the layer (it must match the
-    // memory image). Compression and packing happen once it runs again.
-    let started = Instant::now();
-    let staged = local.join("rootfs-diff.tar");
-    let manifest = rootfs::upperdir(&req.bundle.join("rootfs"))
-        .map_err(|e| incomplete("finding the rootfs upperdir", &e))
-        .and_then(|upper| match upper {
-            Some(upper) => {
-                rootfs::stage(&upper, pending, &staged).map(Some).map_err(|e| incomplete("copying the rootfs", &e))
-            }
-            None => {
-                tracing::warn!(id = req.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
-                Ok(None)
-            }
-        });
-    meta.phases_ms.insert("rootfs_copy".into(), ms(started));
-    // Running again: resume what we paused, and what containerd paused for
-    // this checkpoint too (its own `resume` then succeeds without runc).
+    let upper = match rootfs::upperdir(&req.bundle.join("rootfs")) {
+        Ok(Some(upper)) => Some(upper),
+        Ok(None) => {
+            tracing::warn!(id = req.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
+            None
+        }
+        Err(e) => {
+            resume_if(req, paused_by_us);
+            return Err(incomplete("finding the rootfs upperdir", &e));
+        }
+    };
     let mut resumed_early = false;
-    if req.leave_running {
-        let status = runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id]));
-        resumed_early = status == 0 && !paused_by_us;
+    let started = Instant::now();
+    let captured = match (&upper, req.leave_running) {
+        (None, _) => None,
+        // Stopped by CRIU: nothing changes the layer any more; stream it.
+        (Some(upper), false) => {
+            Some(rootfs::capture(upper, pending).map_err(|e| incomplete("capturing the rootfs", &e))?)
+        }
+        // Still running: freeze only for an uncompressed copy (it must match
+        // the memory image), then compress once it runs again.
+        (Some(upper), true) => {
+            let staged = local.join("rootfs-diff.tar");
+            let manifest = rootfs::stage(upper, pending, &staged);
+            meta.phases_ms.insert("rootfs_copy".into(), ms(started));
+            resumed_early = resume(req) && !paused_by_us;
+            meta.phases_ms.insert("freeze".into(), ms(frozen_at));
+            let manifest = manifest.map_err(|e| incomplete("copying the rootfs", &e))?;
+            let bytes = rootfs::compress(&staged, pending).map_err(|e| incomplete("compressing the rootfs", &e))?;
+            Some((bytes, manifest))
+        }
+    };
+    if upper.is_none() && req.leave_running {
+        resumed_early = resume(req) && !paused_by_us;
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
-    let manifest = manifest?;
-    let started = Instant::now();
-    if let Some(manifest) = manifest {
-        meta.rootfs_archive_bytes =
-            Some(rootfs::compress(&staged, pending).map_err(|e| incomplete("compressing the rootfs", &e))?);
+    if let Some((bytes, manifest)) = captured {
+        meta.rootfs_archive_bytes = Some(bytes);
         meta.rootfs_files = manifest.files;
     }
-    meta.phases_ms.insert("rootfs_compress".into(), ms(started));
+    meta.phases_ms.insert("rootfs".into(), ms(started));
 
     std::fs::copy(work.join("dump.log"), pending.join("dump.log")).map_err(|e| incomplete("dump.log", &e))?;
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
@@ -216,6 +223,17 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta, resumed_early })
+}
+
+/// Resumes the container; true if runc did.
+fn resume(req: &TakeRequest) -> bool {
+    runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id])) == 0
+}
+
+fn resume_if(req: &TakeRequest, paused_by_us: bool) {
+    if paused_by_us {
+        resume(req);
+    }
 }
 
 /// Removes a network-FS staging directory when the checkpoint is done.

@@ -110,12 +110,13 @@ fn survey(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Manifest)> {
     Ok((files, manifest))
 }
 
-/// Copies `upper` into the uncompressed tar `staged` (and writes the
-/// manifest into `dir`): the part that needs the container frozen.
-pub fn stage(upper: &Path, dir: &Path, staged: &Path) -> anyhow::Result<Manifest> {
-    let (files, manifest) = survey(upper)?;
-    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
-    let out = crate::container::private_file(staged)?;
+/// Starts GNU tar archiving `files` of `upper` (pax: xattrs, owners, modes,
+/// links) to `out`; a thread feeds it the file list.
+fn spawn_tar(
+    upper: &Path,
+    files: &[PathBuf],
+    out: Stdio,
+) -> std::io::Result<(std::process::Child, std::thread::JoinHandle<std::io::Result<()>>)> {
     // GNU tar applies -C only to names that follow it: it comes first.
     let mut tar = Command::new("tar")
         .arg("-C")
@@ -127,26 +128,60 @@ pub fn stage(upper: &Path, dir: &Path, staged: &Path) -> anyhow::Result<Manifest
         .stderr(Stdio::piped())
         .spawn()?;
     let mut list = Vec::new();
-    for f in &files {
+    for f in files {
         list.extend_from_slice(f.as_os_str().as_bytes());
         list.push(0);
     }
     let mut stdin = tar.stdin.take().expect("piped");
-    let writer = std::thread::spawn(move || stdin.write_all(&list));
-    let tar_result = tar.wait_with_output()?;
+    Ok((tar, std::thread::spawn(move || stdin.write_all(&list))))
+}
+
+fn finish_tar(tar: std::process::Child, writer: std::thread::JoinHandle<std::io::Result<()>>) -> anyhow::Result<()> {
+    let result = tar.wait_with_output()?;
     writer.join().map_err(|_| anyhow::anyhow!("file list writer panicked"))??;
-    anyhow::ensure!(tar_result.status.success(), "tar: {}", String::from_utf8_lossy(&tar_result.stderr).trim());
+    anyhow::ensure!(result.status.success(), "tar: {}", String::from_utf8_lossy(&result.stderr).trim());
+    Ok(())
+}
+
+fn zstd_to(archive: &Path, input: Stdio) -> std::io::Result<std::process::Child> {
+    let out = crate::container::private_file(archive)?;
+    Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).stdin(input).stdout(out).stderr(Stdio::piped()).spawn()
+}
+
+fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
+    let result = zstd.wait_with_output()?;
+    anyhow::ensure!(result.status.success(), "zstd: {}", String::from_utf8_lossy(&result.stderr).trim());
+    Ok(())
+}
+
+/// Archives `upper` straight into `<dir>/rootfs-diff.tar.zst` (tar | zstd),
+/// for a container that no longer runs. Returns the size and the manifest.
+pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
+    let (files, manifest) = survey(upper)?;
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
+    let archive = dir.join(ARCHIVE);
+    let (mut tar, writer) = spawn_tar(upper, &files, Stdio::piped())?;
+    let zstd = zstd_to(&archive, Stdio::from(tar.stdout.take().expect("piped")))?;
+    finish_tar(tar, writer)?;
+    finish_zstd(zstd)?;
+    Ok((std::fs::metadata(&archive)?.len(), manifest))
+}
+
+/// Copies `upper` into the uncompressed tar `staged` (and writes the
+/// manifest into `dir`): the part that needs a running container frozen.
+pub fn stage(upper: &Path, dir: &Path, staged: &Path) -> anyhow::Result<Manifest> {
+    let (files, manifest) = survey(upper)?;
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
+    let (tar, writer) = spawn_tar(upper, &files, Stdio::from(crate::container::private_file(staged)?))?;
+    finish_tar(tar, writer)?;
     Ok(manifest)
 }
 
-/// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst` (multi-threaded
-/// zstd), removes the staged tar, and returns the archive's size.
+/// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst`, removes the
+/// staged tar, and returns the archive's size.
 pub fn compress(staged: &Path, dir: &Path) -> anyhow::Result<u64> {
     let archive = dir.join(ARCHIVE);
-    let out = crate::container::private_file(&archive)?;
-    let zstd =
-        Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).arg(staged).stdout(out).stderr(Stdio::piped()).output()?;
-    anyhow::ensure!(zstd.status.success(), "zstd: {}", String::from_utf8_lossy(&zstd.stderr).trim());
+    finish_zstd(zstd_to(&archive, Stdio::from(std::fs::File::open(staged)?))?)?;
     let _ = std::fs::remove_file(staged);
     Ok(std::fs::metadata(&archive)?.len())
 }

@@ -128,17 +128,14 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// fsyncs every file and directory under `dir` (so that a crash after the
-/// publishing rename never shows a generation with missing data).
+/// Flushes everything written under `dir` before the publishing rename, so
+/// that a crash never shows a generation with missing data: one `syncfs` of
+/// its filesystem (cheaper than an fsync per CRIU image), then the directory.
 fn fsync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            fsync_tree(&entry.path())?;
-        } else if ty.is_file() {
-            std::fs::File::open(entry.path())?.sync_all()?;
-        }
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a valid, open fd.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    fsync_dir(dir)
+    d.sync_all()
 }
