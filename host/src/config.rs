@@ -44,6 +44,9 @@ pub struct Config {
     pub checkpoint_flags: Vec<String>,
     /// Published generations kept per key.
     pub keep_generations: usize,
+    /// Where a running container's layer is copied while it is frozen
+    /// (tmpfs: a memory-speed copy); disk is used when it does not fit.
+    pub freeze_staging_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             module_memory_mib: 64,
             checkpoint_flags: vec!["--file-locks".into()],
             keep_generations: 2,
+            freeze_staging_dir: "/dev/shm/arch".into(),
         }
     }
 }

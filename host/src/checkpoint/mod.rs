@@ -164,21 +164,33 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     let started = Instant::now();
     let captured = match (&upper, req.leave_running) {
         (None, _) => None,
-        // Stopped by CRIU: nothing changes the layer any more; stream it.
-        (Some(upper), false) => {
-            Some(rootfs::capture(upper, pending).map_err(|e| incomplete("capturing the rootfs", &e))?)
-        }
-        // Still running: freeze only for an uncompressed copy (it must match
-        // the memory image), then compress once it runs again.
-        (Some(upper), true) => {
-            let staged = local.join("rootfs-diff.tar");
-            let manifest = rootfs::stage(upper, pending, &staged);
-            meta.phases_ms.insert("rootfs_copy".into(), ms(started));
-            resumed_early = resume(req) && !paused_by_us;
-            meta.phases_ms.insert("freeze".into(), ms(frozen_at));
-            let manifest = manifest.map_err(|e| incomplete("copying the rootfs", &e))?;
-            let bytes = rootfs::compress(&staged, pending).map_err(|e| incomplete("compressing the rootfs", &e))?;
-            Some((bytes, manifest))
+        (Some(upper), leave_running) => {
+            let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e));
+            let survey = match survey {
+                Ok(s) => s,
+                Err(e) => {
+                    resume_if(req, paused_by_us);
+                    return Err(e);
+                }
+            };
+            let bytes = if !leave_running {
+                // Stopped by CRIU: nothing changes the layer any more; stream it.
+                rootfs::capture(upper, &survey, pending).map_err(|e| incomplete("capturing the rootfs", &e))?
+            } else {
+                // Still running: freeze only for an uncompressed copy (it must
+                // match the memory image), in memory when it fits; compress
+                // once the container runs again.
+                let staged =
+                    freeze_staging(req.config, survey.bytes, name).unwrap_or_else(|| local.join("rootfs-diff.tar"));
+                let copied = rootfs::stage(upper, &survey, pending, &staged);
+                meta.phases_ms.insert("rootfs_copy".into(), ms(started));
+                resumed_early = resume(req) && !paused_by_us;
+                meta.phases_ms.insert("freeze".into(), ms(frozen_at));
+                let compressed = copied.and_then(|()| rootfs::compress(&staged, pending));
+                let _ = std::fs::remove_file(&staged);
+                compressed.map_err(|e| incomplete("copying the rootfs", &e))?
+            };
+            Some((bytes, survey.manifest))
         }
     };
     if upper.is_none() && req.leave_running {
@@ -223,6 +235,24 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta, resumed_early })
+}
+
+/// A file for the frozen copy of a layer of `bytes` in `freeze_staging_dir`
+/// (tmpfs by default: a memory-speed copy keeps the freeze short), if that
+/// is a private directory of ours with room to spare; else none (disk).
+fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = &config.freeze_staging_dir;
+    crate::container::create_private_dir(dir).ok()?;
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let ours = meta.is_dir() && meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 == 0;
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    let avail = if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } == 0 { st.f_bavail * st.f_frsize } else { 0 };
+    // Leave a quarter of it free: tmpfs is memory.
+    (ours && bytes + bytes / 3 + (1 << 20) < avail).then(|| dir.join(format!("{name}.tar")))
 }
 
 /// Resumes the container; true if runc did.

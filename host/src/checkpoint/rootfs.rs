@@ -81,11 +81,18 @@ fn is_opaque(path: &Path) -> bool {
     })
 }
 
-/// Walks the upperdir: the paths to archive (everything but whiteouts),
-/// and the deletions to replay.
-fn survey(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Manifest)> {
+/// What is in an upperdir: the paths to archive (everything but
+/// whiteouts), the deletions to replay, and the bytes of regular files.
+pub struct Survey {
+    files: Vec<PathBuf>,
+    pub manifest: Manifest,
+    pub bytes: u64,
+}
+
+pub fn survey(upper: &Path) -> std::io::Result<Survey> {
     let mut files = Vec::new();
     let mut manifest = Manifest::default();
+    let mut bytes = 0;
     let mut stack = vec![PathBuf::from(".")];
     while let Some(rel) = stack.pop() {
         for entry in std::fs::read_dir(upper.join(&rel))? {
@@ -101,13 +108,15 @@ fn survey(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Manifest)> {
                     manifest.opaque_dirs.push(path.clone());
                 }
                 stack.push(path.clone());
+            } else if meta.is_file() {
+                bytes += meta.len();
             }
             files.push(path);
         }
     }
     files.sort();
     manifest.files = files.len() as u64;
-    Ok((files, manifest))
+    Ok(Survey { files, manifest, bytes })
 }
 
 /// Starts GNU tar archiving `files` of `upper` (pax: xattrs, owners, modes,
@@ -156,25 +165,22 @@ fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
 
 /// Archives `upper` straight into `<dir>/rootfs-diff.tar.zst` (tar | zstd),
 /// for a container that no longer runs. Returns the size and the manifest.
-pub fn capture(upper: &Path, dir: &Path) -> anyhow::Result<(u64, Manifest)> {
-    let (files, manifest) = survey(upper)?;
-    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
+pub fn capture(upper: &Path, survey: &Survey, dir: &Path) -> anyhow::Result<u64> {
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&survey.manifest)?)?;
     let archive = dir.join(ARCHIVE);
-    let (mut tar, writer) = spawn_tar(upper, &files, Stdio::piped())?;
+    let (mut tar, writer) = spawn_tar(upper, &survey.files, Stdio::piped())?;
     let zstd = zstd_to(&archive, Stdio::from(tar.stdout.take().expect("piped")))?;
     finish_tar(tar, writer)?;
     finish_zstd(zstd)?;
-    Ok((std::fs::metadata(&archive)?.len(), manifest))
+    Ok(std::fs::metadata(&archive)?.len())
 }
 
 /// Copies `upper` into the uncompressed tar `staged` (and writes the
 /// manifest into `dir`): the part that needs a running container frozen.
-pub fn stage(upper: &Path, dir: &Path, staged: &Path) -> anyhow::Result<Manifest> {
-    let (files, manifest) = survey(upper)?;
-    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest)?)?;
-    let (tar, writer) = spawn_tar(upper, &files, Stdio::from(crate::container::private_file(staged)?))?;
-    finish_tar(tar, writer)?;
-    Ok(manifest)
+pub fn stage(upper: &Path, survey: &Survey, dir: &Path, staged: &Path) -> anyhow::Result<()> {
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&survey.manifest)?)?;
+    let (tar, writer) = spawn_tar(upper, &survey.files, Stdio::from(crate::container::private_file(staged)?))?;
+    finish_tar(tar, writer)
 }
 
 /// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst`, removes the
@@ -249,7 +255,8 @@ fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
     for path in &manifest.whiteouts {
         remove(&inside(path)?)?;
     }
-    let mut archive = tar::Archive::new(std::io::stdin().lock());
+    // Large reads from the zstd pipe: the layer can be gigabytes.
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()));
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
