@@ -93,6 +93,7 @@ for mem in "${sizes[@]}"; do
     b=$(bundle "af$n" "$mem"); run_arch "af$n" "$b"; wait_ready "$b"
     "$bin/arch-runc" --root "$root" checkpoint --leave-running "af$n"
     fr_arch+=("$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['phases_ms']['freeze']/1000)" "$(gen_meta "$mem")")")
+    python3 -c "import json,sys; print('  ARCH --leave-running phases (ms):', json.load(open(sys.argv[1]))['phases_ms'])" "$(gen_meta "$mem")" >&2
     drop "af$n"
     # plain: runc checkpoint + tar | zstd of the upperdir
     b=$(bundle "p$n" "$mem"); "$runc" --root "$root" run -d --bundle "$b" "p$n" </dev/null >/dev/null 2>&1; wait_ready "$b"

@@ -19,16 +19,21 @@ use store::{Generation, Store};
 /// runc checkpoint flags a module may add (each mirrored at restore).
 pub const ALLOWED_FLAGS: &[&str] = &["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks"];
 
-/// What `take` needs to know about the call.
-pub struct TakeRequest<'a> {
+/// The container a checkpoint or restore is for, and where its key lives.
+pub struct Target<'a> {
     pub config: &'a Config,
     pub location: &'a Location,
     pub runc: &'a Path,
     /// The caller's global flags (`--root`, `--log`, ...).
     pub globals: &'a [String],
-    pub namespace: &'a str,
     pub id: &'a str,
     pub bundle: &'a Path,
+}
+
+/// What `take` needs to know about the call.
+pub struct TakeRequest<'a> {
+    pub target: Target<'a>,
+    pub namespace: &'a str,
     pub leave_running: bool,
     /// From [`ALLOWED_FLAGS`].
     pub extra_flags: &'a [String],
@@ -85,8 +90,9 @@ pub struct Taken {
 }
 
 pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
-    let store = Store::new(&req.location.dir);
-    let _lock = store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.location.dir.display())))?;
+    let store = Store::new(&req.target.location.dir);
+    let _lock =
+        store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.target.location.dir.display())))?;
     let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
     let pending = store.begin(&name).map_err(|e| TakeError::NotRun(format!("creating a generation: {e}")))?;
     let result = take_into(req, &store, &pending, &name);
@@ -100,32 +106,35 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
     // CRIU writes many small files: on a network FS they go to local staging
     // first and reach the share as one archive.
-    let local = match req.location.mode {
+    let local = match req.target.location.mode {
         Mode::Basic => pending.to_path_buf(),
-        Mode::NetworkFs => req.config.state_dir.join("staging").join(name),
+        Mode::NetworkFs => req.target.config.state_dir.join("staging").join(name),
     };
     let images = local.join("images");
     let work = local.join("work");
     for dir in [&images, &work] {
         crate::container::create_private_dir(dir).map_err(|e| TakeError::NotRun(format!("{}: {e}", dir.display())))?;
     }
-    let _staging = StagingGuard(if req.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
+    let _staging = StagingGuard(if req.target.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
 
     // With --leave-running the files must match the memory image: keep the
     // container frozen from the dump until its layer is captured. (containerd
     // pauses before it checkpoints; then `pause` fails and containerd resumes.)
     let frozen_at = Instant::now();
-    let paused_by_us = req.leave_running && runc_quiet(req.runc, &with_globals(req.globals, &["pause", req.id])) == 0;
-    let mut argv =
-        with_globals(req.globals, &["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)]);
+    let paused_by_us = req.leave_running
+        && runc_quiet(req.target.runc, &with_globals(req.target.globals, &["pause", req.target.id])) == 0;
+    let mut argv = with_globals(
+        req.target.globals,
+        &["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)],
+    );
     if req.leave_running {
         argv.push("--leave-running".into());
     }
-    argv.extend(req.config.checkpoint_flags.iter().cloned());
+    argv.extend(req.target.config.checkpoint_flags.iter().cloned());
     argv.extend(req.extra_flags.iter().cloned());
-    argv.push(req.id.into());
+    argv.push(req.target.id.into());
     let started = Instant::now();
-    let status = crate::runc::run(req.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
+    let status = crate::runc::run(req.target.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
@@ -135,24 +144,27 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     let mut meta = Metadata {
         format: metadata::FORMAT,
         name: name.into(),
-        key: req.location.key.clone(),
+        key: req.target.location.key.clone(),
         namespace: req.namespace.into(),
-        container_id: req.id.into(),
+        container_id: req.target.id.into(),
         created_unix_ms: now_ms(),
-        mode: match req.location.mode {
+        mode: match req.target.location.mode {
             Mode::Basic => "basic".into(),
             Mode::NetworkFs => "network-fs".into(),
         },
         leave_running: req.leave_running,
-        runc_flags: req.config.checkpoint_flags.iter().chain(req.extra_flags).cloned().collect(),
+        runc_flags: req.target.config.checkpoint_flags.iter().chain(req.extra_flags).cloned().collect(),
         ..Default::default()
     };
     meta.phases_ms.insert("dump".into(), dump_ms);
 
-    let upper = match rootfs::upperdir(&req.bundle.join("rootfs")) {
+    let upper = match rootfs::upperdir(&req.target.bundle.join("rootfs")) {
         Ok(Some(upper)) => Some(upper),
         Ok(None) => {
-            tracing::warn!(id = req.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
+            tracing::warn!(
+                id = req.target.id,
+                "no overlay upperdir at the bundle's rootfs: only memory is checkpointed"
+            );
             None
         }
         Err(e) => {
@@ -180,8 +192,8 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
                 // Still running: freeze only for an uncompressed copy (it must
                 // match the memory image), in memory when it fits; compress
                 // once the container runs again.
-                let staged =
-                    freeze_staging(req.config, survey.bytes, name).unwrap_or_else(|| local.join("rootfs-diff.tar"));
+                let staged = freeze_staging(req.target.config, survey.bytes, name)
+                    .unwrap_or_else(|| local.join("rootfs-diff.tar"));
                 let copied = rootfs::stage(upper, &survey, pending, &staged);
                 meta.phases_ms.insert("rootfs_copy".into(), ms(started));
                 resumed_early = resume(req) && !paused_by_us;
@@ -211,7 +223,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     if let Some(export) = req.export_images_to {
         export_images(&images, export).map_err(|e| incomplete("handing the images to the caller", &e))?;
     }
-    if req.location.mode == Mode::NetworkFs {
+    if req.target.location.mode == Mode::NetworkFs {
         let started = Instant::now();
         let archive = pending.join("images.tar.zst");
         pack(&images, &archive).map_err(|e| incomplete("packing the images", &e))?;
@@ -221,7 +233,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     }
     let (kernel, host, cpu) = metadata::host_facts();
     (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
-    meta.runc_version = metadata::tool_version(path_str(req.runc));
+    meta.runc_version = metadata::tool_version(path_str(req.target.runc));
     meta.criu_version = metadata::tool_version("criu");
     let started = Instant::now();
     std::fs::write(pending.join("metadata.json"), serde_json::to_vec_pretty(&meta).unwrap_or_default())
@@ -229,7 +241,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     metadata::validate(pending, &meta).map_err(|e| incomplete("validating the new generation", &e))?;
     let gen = store.publish(pending, name).map_err(|e| incomplete("publishing", &e))?;
     meta.phases_ms.insert("publish".into(), ms(started));
-    match store.prune(req.config.keep_generations) {
+    match store.prune(req.target.config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
@@ -257,7 +269,7 @@ fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
 
 /// Resumes the container; true if runc did.
 fn resume(req: &TakeRequest) -> bool {
-    runc_quiet(req.runc, &with_globals(req.globals, &["resume", req.id])) == 0
+    runc_quiet(req.target.runc, &with_globals(req.target.globals, &["resume", req.target.id])) == 0
 }
 
 fn resume_if(req: &TakeRequest, paused_by_us: bool) {
@@ -355,12 +367,7 @@ pub fn check_compatible(gen: &Generation, meta: &Metadata) -> Result<(), String>
 }
 
 pub struct RestoreRequest<'a> {
-    pub config: &'a Config,
-    pub location: &'a Location,
-    pub runc: &'a Path,
-    pub globals: &'a [String],
-    pub id: &'a str,
-    pub bundle: &'a Path,
+    pub target: Target<'a>,
     /// Flags of the `create` call to keep (`--pid-file`, `--console-socket`, `--no-pivot`).
     pub create_flags: &'a [String],
 }
@@ -368,12 +375,13 @@ pub struct RestoreRequest<'a> {
 /// Restores the container from generation `name`: puts its writable layer
 /// back, then `runc restore --detach` with the new bundle. Returns runc's status.
 pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
-    let store = Store::new(&req.location.dir);
-    let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.location.dir.display()))?;
+    let store = Store::new(&req.target.location.dir);
+    let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.target.location.dir.display()))?;
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     let meta = Store::metadata(&gen)?;
     metadata::validate(&gen.dir, &meta)?;
-    let staging = req.config.state_dir.join("staging").join(format!("restore-{}-{}", req.id, std::process::id()));
+    let staging =
+        req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
     let images = match meta.images_archive_bytes {
         Some(_) => {
@@ -387,11 +395,11 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
     if meta.rootfs_archive_bytes.is_some() {
         let started = Instant::now();
-        rootfs::apply(&gen.dir, &req.bundle.join("rootfs")).map_err(|e| format!("{e:#}"))?;
-        tracing::info!(id = req.id, ms = ms(started), "rootfs diff applied");
+        rootfs::apply(&gen.dir, &req.target.bundle.join("rootfs")).map_err(|e| format!("{e:#}"))?;
+        tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
     }
     let mut argv = with_globals(
-        req.globals,
+        req.target.globals,
         &[
             "restore",
             "--detach",
@@ -400,19 +408,19 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
             "--work-path",
             path_str(&work),
             "--bundle",
-            path_str(req.bundle),
+            path_str(req.target.bundle),
         ],
     );
     argv.extend(req.create_flags.iter().cloned());
     argv.extend(meta.runc_flags.iter().cloned());
-    argv.push(req.id.into());
+    argv.push(req.target.id.into());
     let started = Instant::now();
-    let status = crate::runc::run(req.runc, &argv).map_err(|e| e.to_string())?;
+    let status = crate::runc::run(req.target.runc, &argv).map_err(|e| e.to_string())?;
     tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
     if status != 0 {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();
-        tracing::warn!(id = req.id, generation = name, restore_log = ?tail, "restore failed");
+        tracing::warn!(id = req.target.id, generation = name, restore_log = ?tail, "restore failed");
     }
     Ok(status)
 }

@@ -96,6 +96,17 @@ impl CallContext {
         checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts.env).map_err(|e| e.to_string())
     }
 
+    fn target<'a>(&'a self, location: &'a checkpoint::key::Location) -> checkpoint::Target<'a> {
+        checkpoint::Target {
+            config: &self.config,
+            location,
+            runc: &self.runc,
+            globals: self.invocation.global_argv(),
+            id: &self.id,
+            bundle: &self.bundle,
+        }
+    }
+
     fn update_record(&self, f: impl FnOnce(&mut crate::container::Record) -> Result<(), String>) -> Result<(), String> {
         let mut record = Records::load(&self.record_path)
             .map_err(|e| format!("reading ARCH's record of {}: {e}", self.id))?
@@ -233,13 +244,8 @@ impl checkpoints::Host for HostState {
         let export =
             options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
         let request = checkpoint::TakeRequest {
-            config: &ctx.config,
-            location: &location,
-            runc: &ctx.runc,
-            globals: ctx.invocation.global_argv(),
+            target: ctx.target(&location),
             namespace: &ctx.namespace,
-            id: &ctx.id,
-            bundle: &ctx.bundle,
             leave_running: options.leave_running,
             extra_flags: &options.runc_flags,
             export_images_to: export,
@@ -272,23 +278,19 @@ impl checkpoints::Host for HostState {
     }
 
     fn list(&mut self) -> wasmtime::Result<Result<Vec<(String, Result<checkpoints::Generation, String>)>, String>> {
-        let location = match self.ctx.location() {
-            Ok(l) => l,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(checkpoint::generations(&location)
-            .map(|gens| gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
-            .map_err(|e| e.to_string()))
+        Ok(self.ctx.location().and_then(|location| {
+            let gens = checkpoint::generations(&location).map_err(|e| e.to_string())?;
+            Ok(gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
+        }))
     }
 
     fn check(&mut self, name: String) -> wasmtime::Result<Result<(), String>> {
-        let location = match self.ctx.location() {
-            Ok(l) => l,
-            Err(e) => return Ok(Err(e)),
-        };
-        let store = checkpoint::store::Store::new(&location.dir);
-        let Some(gen) = store.generation(&name) else { return Ok(Err(format!("no generation {name}"))) };
-        Ok(checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta)))
+        Ok(self.ctx.location().and_then(|location| {
+            let gen = checkpoint::store::Store::new(&location.dir)
+                .generation(&name)
+                .ok_or_else(|| format!("no generation {name}"))?;
+            checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta))
+        }))
     }
 
     fn restore(&mut self, name: String) -> wasmtime::Result<Result<i32, String>> {
@@ -309,15 +311,7 @@ impl checkpoints::Host for HostState {
         if ctx.invocation.has_flag("no-pivot") {
             create_flags.push("--no-pivot".into());
         }
-        let request = checkpoint::RestoreRequest {
-            config: &ctx.config,
-            location: &location,
-            runc: &ctx.runc,
-            globals: ctx.invocation.global_argv(),
-            id: &ctx.id,
-            bundle: &ctx.bundle,
-            create_flags: &create_flags,
-        };
+        let request = checkpoint::RestoreRequest { target: ctx.target(&location), create_flags: &create_flags };
         let result = checkpoint::restore(&request, &name);
         if let Err(e) = &result {
             tracing::warn!(id = %ctx.id, generation = %name, error = %e, "restore not attempted");
@@ -326,11 +320,9 @@ impl checkpoints::Host for HostState {
     }
 
     fn quarantine(&mut self, name: String, reason: String) -> wasmtime::Result<Result<(), String>> {
-        let location = match self.ctx.location() {
-            Ok(l) => l,
-            Err(e) => return Ok(Err(e)),
-        };
-        tracing::warn!(id = %self.ctx.id, generation = %name, %reason, "generation quarantined");
-        Ok(checkpoint::quarantine(&location, &name, &reason))
+        Ok(self.ctx.location().and_then(|location| {
+            tracing::warn!(id = %self.ctx.id, generation = %name, %reason, "generation quarantined");
+            checkpoint::quarantine(&location, &name, &reason)
+        }))
     }
 }
