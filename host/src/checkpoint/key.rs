@@ -55,8 +55,28 @@ pub fn validate(key: &str) -> Result<(), KeyError> {
 pub struct Location {
     pub key: String,
     pub mode: Mode,
+    /// The host's root for `mode`.
+    pub root: PathBuf,
     /// `<root>/<key>`.
     pub dir: PathBuf,
+}
+
+impl Location {
+    /// Checks the root before anything is written: a Network FS root must
+    /// already exist (it is a mount; creating it would put "shared"
+    /// checkpoints on the local disk, unseen by other machines), a Basic one
+    /// is created if missing.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.mode {
+            Mode::NetworkFs if !self.root.is_dir() => Err(format!(
+                "network_fs_dir {} does not exist (is the shared filesystem mounted?)",
+                self.root.display()
+            )),
+            Mode::NetworkFs => Ok(()),
+            Mode::Basic => crate::container::create_private_dir(&self.root)
+                .map_err(|e| format!("checkpoint_dir {}: {e}", self.root.display())),
+        }
+    }
 }
 
 /// Resolves the key and mode for a container from its env and the host config.
@@ -73,8 +93,9 @@ pub fn locate(config: &Config, namespace: &str, id: &str, env: &[(String, String
         Some(m) if m.eq_ignore_ascii_case("network-fs") => Mode::NetworkFs,
         Some(m) => return Err(KeyError::Mode(m.chars().take(40).collect())),
     };
-    let dir = config.checkpoint_root(mode).join(&key);
-    Ok(Location { key, mode, dir })
+    let root = config.checkpoint_root(mode).to_path_buf();
+    let dir = root.join(&key);
+    Ok(Location { key, mode, root, dir })
 }
 
 #[cfg(test)]
@@ -124,11 +145,26 @@ mod tests {
     fn locations_stay_under_the_roots() {
         let config = Config { checkpoint_dir: "/ck".into(), network_fs_dir: "/efs".into(), ..Config::default() };
         let l = locate(&config, "ns", "c1", &[]).unwrap();
-        assert_eq!((l.key.as_str(), l.mode, l.dir), ("ns/c1", Mode::Basic, PathBuf::from("/ck/ns/c1")));
+        assert_eq!((l.key.as_str(), l.mode, l.dir.clone()), ("ns/c1", Mode::Basic, PathBuf::from("/ck/ns/c1")));
         let l = locate(&config, "ns", "c1", &env(&[(KEY_ENV, "job/7"), (MODE_ENV, "Network-FS")])).unwrap();
         assert_eq!(l.dir, PathBuf::from("/efs/job/7"));
         assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "../../etc")])).is_err());
         assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "/etc")])).is_err());
         assert!(locate(&config, "ns", "c1", &env(&[(MODE_ENV, "/tmp")])).is_err());
+    }
+
+    #[test]
+    fn a_network_fs_root_is_never_created() {
+        let d = tempfile::tempdir().unwrap();
+        let config =
+            Config { network_fs_dir: d.path().join("efs"), checkpoint_dir: d.path().join("ck"), ..Config::default() };
+        let netfs = locate(&config, "ns", "c1", &env(&[(MODE_ENV, "network-fs")])).unwrap();
+        assert!(netfs.ready().unwrap_err().contains("mounted"));
+        assert!(!d.path().join("efs").exists());
+        std::fs::create_dir(d.path().join("efs")).unwrap();
+        assert_eq!(netfs.ready(), Ok(()));
+        let basic = locate(&config, "ns", "c1", &[]).unwrap();
+        assert_eq!(basic.ready(), Ok(()));
+        assert!(d.path().join("ck").is_dir());
     }
 }

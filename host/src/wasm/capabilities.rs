@@ -92,8 +92,12 @@ impl CallContext {
         clean && std::iter::once(&self.bundle).chain(&self.allowed_roots).any(|root| path.starts_with(root))
     }
 
+    /// The container's checkpoint location, with its root ready to use.
     fn location(&self) -> Result<checkpoint::key::Location, String> {
-        checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts.env).map_err(|e| e.to_string())
+        let location = checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts.env)
+            .map_err(|e| e.to_string())?;
+        location.ready()?;
+        Ok(location)
     }
 
     fn target<'a>(&'a self, location: &'a checkpoint::key::Location) -> checkpoint::Target<'a> {

@@ -17,7 +17,7 @@ impl Handler for Create {
             Ok(key) => key,
             Err(why) => {
                 metrics::count("restore_refused_key_total", 1);
-                log::error(&format!("create {id}: checkpoint key refused ({why}); starting fresh"));
+                log::error(&format!("create {id}: no checkpoints available ({why}); starting fresh"));
                 return Decision::PassThrough;
             }
         };
