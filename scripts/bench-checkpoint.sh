@@ -76,7 +76,7 @@ b=$(bundle warm2 1 4); run_arch warm2 "$b"; drop warm2
 
 results=()
 for mem in "${sizes[@]}"; do
-  declare -a ck_arch=() ck_plain=() rs_arch=() rs_plain=() fr_arch=() fr_plain=()
+  declare -a ck_arch=() ck_plain=() ck_sync=() rs_arch=() rs_plain=() fr_arch=() fr_plain=()
   for r in $(seq "$repeat"); do
     n=$((n + 1))
     rm -rf "$work/checkpoints/bench-$mem"
@@ -101,7 +101,9 @@ for mem in "${sizes[@]}"; do
     t0=$(seconds)
     "$runc" --root "$root" checkpoint --image-path "$img/images" --work-path "$img/work" --file-locks "p$n"
     tar -C "$b/upper" -cf - . | zstd -1 -T0 -q >"$img/rootfs.tar.zst"
-    t1=$(seconds); ck_plain+=("$(elapsed "$t0" "$t1")"); drop "p$n"
+    t1=$(seconds); ck_plain+=("$(elapsed "$t0" "$t1")")
+    sync -f "$img/rootfs.tar.zst"   # what ARCH pays to publish durably
+    t2=$(seconds); ck_sync+=("$(elapsed "$t0" "$t2")"); drop "p$n"
     # plain restore: extract into the new rootfs, runc restore
     b=$(bundle "pr$n" "$mem")
     t0=$(seconds)
@@ -117,10 +119,10 @@ for mem in "${sizes[@]}"; do
     rm -rf "$img"
   done
   med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-  row=$(python3 - "$mem" "$(med "${ck_arch[@]}")" "$(med "${ck_plain[@]}")" "$(med "${rs_arch[@]}")" "$(med "${rs_plain[@]}")" "$(med "${fr_arch[@]}")" "$(med "${fr_plain[@]}")" <<'PY'
+  row=$(python3 - "$mem" "$(med "${ck_arch[@]}")" "$(med "${ck_plain[@]}")" "$(med "${ck_sync[@]}")" "$(med "${rs_arch[@]}")" "$(med "${rs_plain[@]}")" "$(med "${fr_arch[@]}")" "$(med "${fr_plain[@]}")" <<'PY'
 import sys
-m, ca, cp, ra, rp, fa, fp = sys.argv[1], *map(float, sys.argv[2:])
-print(f"| {m} MiB | {ca:.2f} s | {cp:.2f} s | {ca/cp:.2f}x | {ra:.2f} s | {rp:.2f} s | {ra/rp:.2f}x | {fa:.2f} s | {fp:.2f} s | {fa/fp:.2f}x |")
+m, ca, cp, cs, ra, rp, fa, fp = sys.argv[1], *map(float, sys.argv[2:])
+print(f"| {m} MiB | {ca:.2f} s | {cp:.2f} s | {ca/cp:.2f}x | {cs:.2f} s | {ca/cs:.2f}x | {ra:.2f} s | {rp:.2f} s | {ra/rp:.2f}x | {fa:.2f} s | {fp:.2f} s | {fa/fp:.2f}x |")
 PY
 )
   results+=("$row")
@@ -128,8 +130,8 @@ PY
 done
 mkdir -p "$repo/target/bench"
 {
-  echo "| memory | ARCH checkpoint | runc checkpoint + tar\|zstd | ratio | ARCH restore | unzstd\|untar + runc restore | ratio | ARCH freeze | dump + cp -a | ratio |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "| memory | ARCH checkpoint | runc checkpoint + tar\|zstd | ratio | same + syncfs | ratio | ARCH restore | unzstd\|untar + runc restore | ratio | ARCH freeze | dump + cp -a | ratio |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${results[@]}"
   echo
   echo "Writable layer: ${layer_mib} MiB in $((layer_mib / 4)) files; medians of $repeat runs."

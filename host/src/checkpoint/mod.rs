@@ -39,6 +39,10 @@ pub struct TakeRequest<'a> {
     pub extra_flags: &'a [String],
     /// containerd's `--image-path`: it imports the CRIU images from there.
     pub export_images_to: Option<&'a Path>,
+    /// Called as soon as ARCH has resumed a container its caller paused, so
+    /// that the caller's own `resume` can succeed without runc even if the
+    /// checkpoint then fails.
+    pub on_resumed_early: &'a dyn Fn(&str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +88,6 @@ fn path_str(p: &Path) -> &str {
 pub struct Taken {
     pub generation: Generation,
     pub metadata: Metadata,
-    /// ARCH resumed a container that its caller had paused: the caller's
-    /// `resume` must then succeed without runc.
-    pub resumed_early: bool,
 }
 
 pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
@@ -172,7 +173,6 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
             return Err(incomplete("finding the rootfs upperdir", &e));
         }
     };
-    let mut resumed_early = false;
     let started = Instant::now();
     let captured = match (&upper, req.leave_running) {
         (None, _) => None,
@@ -196,7 +196,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
                     .unwrap_or_else(|| local.join("rootfs-diff.tar"));
                 let copied = rootfs::stage(upper, &survey, pending, &staged);
                 meta.phases_ms.insert("rootfs_copy".into(), ms(started));
-                resumed_early = resume(req) && !paused_by_us;
+                resume_after_freeze(req, paused_by_us, name);
                 meta.phases_ms.insert("freeze".into(), ms(frozen_at));
                 let compressed = copied.and_then(|()| rootfs::compress(&staged, pending));
                 let _ = std::fs::remove_file(&staged);
@@ -206,7 +206,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
         }
     };
     if upper.is_none() && req.leave_running {
-        resumed_early = resume(req) && !paused_by_us;
+        resume_after_freeze(req, paused_by_us, name);
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
     if let Some((bytes, manifest)) = captured {
@@ -246,7 +246,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
-    Ok(Taken { generation: gen, metadata: meta, resumed_early })
+    Ok(Taken { generation: gen, metadata: meta })
 }
 
 /// A file for the frozen copy of a layer of `bytes` in `freeze_staging_dir`
@@ -270,6 +270,13 @@ fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
 /// Resumes the container; true if runc did.
 fn resume(req: &TakeRequest) -> bool {
     runc_quiet(req.target.runc, &with_globals(req.target.globals, &["resume", req.target.id])) == 0
+}
+
+/// Lets the container run again after the frozen part of a checkpoint.
+fn resume_after_freeze(req: &TakeRequest, paused_by_us: bool, name: &str) {
+    if resume(req) && !paused_by_us {
+        (req.on_resumed_early)(name);
+    }
 }
 
 fn resume_if(req: &TakeRequest, paused_by_us: bool) {

@@ -247,24 +247,26 @@ impl checkpoints::Host for HostState {
         }
         let export =
             options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
+        let note_resumed = |generation: &str| {
+            let noted = ctx.update_record(|r| {
+                r.notes.insert(RESUMED_EARLY.into(), generation.into());
+                Ok(())
+            });
+            if let Err(e) = noted {
+                tracing::error!(id = %ctx.id, error = %e, "the caller's resume will reach runc");
+            }
+        };
         let request = checkpoint::TakeRequest {
             target: ctx.target(&location),
             namespace: &ctx.namespace,
             leave_running: options.leave_running,
             extra_flags: &options.runc_flags,
             export_images_to: export,
+            on_resumed_early: &note_resumed,
         };
         let started = std::time::Instant::now();
         Ok(match checkpoint::take(&request) {
-            Ok(checkpoint::Taken { generation: gen, metadata: meta, resumed_early }) => {
-                if resumed_early {
-                    if let Err(e) = ctx.update_record(|r| {
-                        r.notes.insert(RESUMED_EARLY.into(), gen.name.clone());
-                        Ok(())
-                    }) {
-                        tracing::error!(id = %ctx.id, error = %e, "the caller's resume will reach runc");
-                    }
-                }
+            Ok(checkpoint::Taken { generation: gen, metadata: meta }) => {
                 tracing::info!(id = %ctx.id, key = %location.key, generation = %gen.name, phases_ms = ?meta.phases_ms,
                     images_bytes = meta.images_bytes, rootfs_bytes = meta.rootfs_archive_bytes.unwrap_or(0),
                     total_ms = started.elapsed().as_millis() as u64, "checkpoint published");
