@@ -62,7 +62,8 @@ struct Call {
 /// Where an invocation goes.
 enum Route {
     PassThrough(&'static str),
-    Handle { record: Record, record_path: PathBuf },
+    /// ARCH's record of the container is at this path.
+    Handle(PathBuf),
 }
 
 impl Call {
@@ -78,7 +79,7 @@ impl Call {
                 }
                 self.exec(&runc, None)
             }
-            Route::Handle { record, record_path } => self.handle(&runc, record, record_path),
+            Route::Handle(record_path) => self.handle(&runc, record_path),
         }
     }
 
@@ -104,9 +105,9 @@ impl Call {
         if sub != "create" {
             return match Records::load(&record_path) {
                 Ok(Some(record)) => {
-                    self.report.namespace = record.namespace.clone();
+                    self.report.namespace = record.namespace;
                     self.report.arch_enabled = true;
-                    Route::Handle { record, record_path }
+                    Route::Handle(record_path)
                 }
                 Ok(None) => Route::PassThrough("not ARCH-managed"),
                 Err(e) => {
@@ -145,15 +146,15 @@ impl Call {
             self.count("arch_failures_total");
             return Route::PassThrough("could not write ARCH record");
         }
-        Route::Handle { record, record_path }
+        Route::Handle(record_path)
     }
 
     /// Runs the subcommand's module and carries out its decision.
-    fn handle(&mut self, runc: &Path, record: Record, record_path: PathBuf) -> i32 {
+    fn handle(&mut self, runc: &Path, record_path: PathBuf) -> i32 {
         let _lock = match lock(&record_path) {
             Ok(lock) => lock,
             Err(e) => {
-                tracing::error!(id = %record.id, error = %e, "could not lock the container; passing through");
+                tracing::error!(id = %self.report.id, error = %e, "could not lock the container; passing through");
                 return self.fail_open(runc, None, "lock failed");
             }
         };

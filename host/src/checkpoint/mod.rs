@@ -225,6 +225,10 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     }
     if req.target.location.mode == Mode::NetworkFs {
         let started = Instant::now();
+        // The CPU record stays readable without unpacking, for `check_compatible`.
+        if let Err(e) = std::fs::copy(images.join("cpuinfo.img"), pending.join("cpuinfo.img")) {
+            tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive");
+        }
         let archive = pending.join("images.tar.zst");
         pack(&images, &archive).map_err(|e| incomplete("packing the images", &e))?;
         meta.images_archive_bytes =
@@ -362,8 +366,9 @@ pub fn check_compatible(gen: &Generation, meta: &Metadata) -> Result<(), String>
     if major(&local) != major(&meta.criu_version) {
         return Err(format!("checkpoint taken with CRIU {}, this machine has {local}", meta.criu_version));
     }
-    if meta.images_archive_bytes.is_none() && gen.dir.join("images/cpuinfo.img").exists() {
-        let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(gen.dir.join("images")).output();
+    let cpuinfo_dir = [gen.dir.clone(), gen.dir.join("images")].into_iter().find(|d| d.join("cpuinfo.img").is_file());
+    if let Some(dir) = cpuinfo_dir {
+        let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(dir).output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => return Err(format!("criu cpuinfo check: {}", String::from_utf8_lossy(&o.stderr).trim())),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -216,8 +217,6 @@ pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
-
-use std::os::unix::process::CommandExt;
 
 /// The unpack helper: `arch-runc:apply-rootfs ROOTFS MANIFEST`, tar on stdin.
 /// Runs as its own process so that its chroot never affects arch-runc.
