@@ -169,6 +169,7 @@ fn migration_between_two_containerds_over_a_network_fs_root() {
         gen_dir.join("images.tar.zst").is_file() && !gen_dir.join("images").exists(),
         "one archive, not CRIU's files"
     );
+    assert!(gen_dir.join("cpuinfo.img").is_file(), "the CPU record stays checkable without unpacking");
     remove(&a, "worker");
     drop(a);
 
