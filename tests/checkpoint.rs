@@ -279,3 +279,43 @@ fn hostile_values_are_refused_and_the_container_still_runs() {
         .count();
     assert!(refused >= 8, "each refusal logged at create and at checkpoint, got {refused}");
 }
+
+/// Unmounts a test tmpfs when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_checkpoint_disk_fails_open() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let full = tempfile::Builder::new().prefix("arch-full").tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(full.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _mount = Mount(full.path().to_path_buf());
+    let inst = Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "checkpoint_dir": full.path() }));
+    let ctd = Containerd::start_with("arch-ck-full", inst);
+    start_counter(&ctd, "job", &[]);
+    exec(&ctd, "job", "head -c 4194304 /dev/urandom > /data/big");
+    let _ = ctd.ctr(&["task", "checkpoint", "job"]);
+    assert_eq!(ctd.task_status("job"), "RUNNING", "the job keeps running when its checkpoint cannot be written");
+    let before = count(&ctd, "job");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(count(&ctd, "job") > before, "and keeps counting");
+    assert!(generations(&full.path().join(&ctd.ns).join("job")).is_empty(), "nothing half-written is published");
+    assert!(ctd.inst.log().iter().any(|r| r["message"] == "checkpoint not published"));
+    assert_eq!(ctd.inst.counters().get("checkpoint_failure_incomplete_total"), Some(&1));
+    remove(&ctd, "job");
+    start_counter(&ctd, "job", &[]);
+    assert!(count(&ctd, "job") < 100, "a fresh start");
+    remove(&ctd, "job");
+}
