@@ -30,9 +30,14 @@ pub fn namespace_from_bundle(bundle: &Path) -> Option<&str> {
     None
 }
 
+/// The value of `name` in a container's env; the last one wins, as in execve.
+pub fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
 /// `ARCH_ENABLE` set to `1`, `true` or `yes`, in any case.
 pub fn arch_enabled(env: &[(String, String)]) -> bool {
-    env.iter().rev().find(|(k, _)| k == "ARCH_ENABLE").is_some_and(|(_, v)| {
+    env_value(env, "ARCH_ENABLE").is_some_and(|v| {
         let v = v.trim();
         v == "1" || v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("yes")
     })

@@ -51,13 +51,10 @@ fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
                 Err(e) => ("broken", format!("{e:#}; calls fail open to plain runc")),
             },
         };
-        let source = match &module.origin {
-            Origin::Builtin => "builtin".to_owned(),
-            Origin::Override(p) => p.display().to_string(),
-        };
-        let source = match (&resolution.refused, source) {
-            (Some(_), _) => config.modules_dir.join(format!("{}.wasm", builtin.subcommand)).display().to_string(),
-            (None, s) => s,
+        // A refused override is named by its path, though the builtin serves.
+        let source = match (&resolution.refused, &module.origin) {
+            (None, Origin::Builtin) => "builtin".to_owned(),
+            _ => config.modules_dir.join(format!("{}.wasm", builtin.subcommand)).display().to_string(),
         };
         rows.push(Row {
             subcommand: builtin.subcommand,

@@ -81,7 +81,7 @@ impl Location {
 
 /// Resolves the key and mode for a container from its env and the host config.
 pub fn locate(config: &Config, namespace: &str, id: &str, env: &[(String, String)]) -> Result<Location, KeyError> {
-    let get = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| crate::container::env_value(env, name);
     let key = match get(KEY_ENV) {
         Some(key) => key.to_owned(),
         None => format!("{namespace}/{id}"),

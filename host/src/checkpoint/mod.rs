@@ -324,24 +324,25 @@ fn export_images(images: &Path, to: &Path) -> std::io::Result<()> {
 
 /// `tar -C dir -c . | zstd -1 -T0 > archive`.
 fn pack(dir: &Path, archive: &Path) -> anyhow::Result<()> {
-    let out = crate::container::private_file(archive)?;
     let mut tar = Command::new("tar").arg("-C").arg(dir).args(["-cf", "-", "."]).stdout(Stdio::piped()).spawn()?;
-    let zstd = Command::new("zstd")
-        .args(["-1", "-T0", "-q", "-c"])
-        .stdin(tar.stdout.take().expect("piped"))
-        .stdout(out)
-        .output()?;
-    anyhow::ensure!(tar.wait()?.success() && zstd.status.success(), "tar | zstd failed");
-    Ok(())
+    let zstd = rootfs::zstd_to(archive, Stdio::from(tar.stdout.take().expect("piped")))?;
+    anyhow::ensure!(tar.wait()?.success(), "tar of {} failed", dir.display());
+    rootfs::finish_zstd(zstd)
 }
 
 /// `zstd -dc archive | tar -C dir -x`.
 fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<()> {
     crate::container::create_private_dir(dir)?;
-    let mut zstd = Command::new("zstd").args(["-d", "-c", "-q"]).arg(archive).stdout(Stdio::piped()).spawn()?;
+    let mut zstd = rootfs::zstd_from(archive)?;
     let tar =
         Command::new("tar").arg("-C").arg(dir).args(["-xf", "-"]).stdin(zstd.stdout.take().expect("piped")).output()?;
-    anyhow::ensure!(zstd.wait()?.success() && tar.status.success(), "zstd -d | tar -x failed");
+    rootfs::finish_zstd(zstd)?;
+    anyhow::ensure!(
+        tar.status.success(),
+        "untar into {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&tar.stderr).trim()
+    );
     Ok(())
 }
 

@@ -153,12 +153,18 @@ fn finish_tar(tar: std::process::Child, writer: std::thread::JoinHandle<std::io:
     Ok(())
 }
 
-fn zstd_to(archive: &Path, input: Stdio) -> std::io::Result<std::process::Child> {
+/// Starts `zstd -1 -T0` compressing `input` into a new private file `archive`.
+pub(super) fn zstd_to(archive: &Path, input: Stdio) -> std::io::Result<std::process::Child> {
     let out = crate::container::private_file(archive)?;
     Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).stdin(input).stdout(out).stderr(Stdio::piped()).spawn()
 }
 
-fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
+/// Starts `zstd -d` decompressing `archive` to a pipe on its stdout.
+pub(super) fn zstd_from(archive: &Path) -> std::io::Result<std::process::Child> {
+    Command::new("zstd").args(["-d", "-c", "-q"]).arg(archive).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+}
+
+pub(super) fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
     let result = zstd.wait_with_output()?;
     anyhow::ensure!(result.status.success(), "zstd: {}", String::from_utf8_lossy(&result.stderr).trim());
     Ok(())
@@ -196,17 +202,12 @@ pub fn compress(staged: &Path, dir: &Path) -> anyhow::Result<u64> {
 /// Puts a captured layer back: replays deletions, then unpacks, inside
 /// `rootfs` (the new container's merged view), via the chrooted helper.
 pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
-    let zstd = Command::new("zstd")
-        .args(["-d", "-c", "-q"])
-        .arg(dir.join(ARCHIVE))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut zstd = zstd_from(&dir.join(ARCHIVE))?;
     let helper = Command::new("/proc/self/exe")
         .arg0(HELPER_ARGV0)
         .arg(rootfs)
         .arg(dir.join(MANIFEST))
-        .stdin(zstd.stdout.expect("piped"))
+        .stdin(zstd.stdout.take().expect("piped"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()?;

@@ -92,7 +92,7 @@ impl Store {
     pub fn publish(&self, pending: &Path, name: &str) -> std::io::Result<Generation> {
         let gens = self.generations_dir();
         create_private_dir(&gens)?;
-        fsync_tree(pending)?;
+        sync_filesystem(pending)?;
         let dir = gens.join(name);
         std::fs::rename(pending, &dir)?;
         fsync_dir(&gens)?;
@@ -131,7 +131,7 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 /// Flushes everything written under `dir` before the publishing rename, so
 /// that a crash never shows a generation with missing data: one `syncfs` of
 /// its filesystem (cheaper than an fsync per CRIU image), then the directory.
-fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
     let d = std::fs::File::open(dir)?;
     // SAFETY: syncfs on a valid, open fd.
     if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
