@@ -319,3 +319,30 @@ fn a_full_checkpoint_disk_fails_open() {
     assert!(count(&ctd, "job") < 100, "a fresh start");
     remove(&ctd, "job");
 }
+
+#[test]
+fn a_layer_archive_corrupted_in_place_is_caught_while_unpacking() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-bitrot");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    exec(&ctd, "job", "head -c 1048576 /dev/urandom > /data/noise");
+    let older = checkpoint(&ctd, "job", false, &key_dir);
+    let newer = checkpoint(&ctd, "job", false, &key_dir);
+    remove(&ctd, "job");
+    // Same size, so validation passes; zstd's checksum must catch it.
+    let archive = key_dir.join(".arch/generations").join(&newer).join("rootfs-diff.tar.zst");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&archive, &bytes).unwrap();
+
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(older.as_str()));
+    assert!(key_dir.join(".arch/quarantine").join(&newer).is_dir(), "the corrupt one is set aside");
+    remove(&ctd, "job");
+}

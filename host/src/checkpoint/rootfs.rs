@@ -12,6 +12,7 @@
 //! that symlinks in the container's files (which the container controls)
 //! resolve inside it and can never make root write outside it.
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -211,6 +212,9 @@ pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()?;
+    // zstd's checksum is the archive's integrity check: a layer it rejects
+    // must fail the restore even if the tar stream happened to end cleanly.
+    finish_zstd(zstd).context("the rootfs diff is corrupt")?;
     anyhow::ensure!(
         helper.status.success(),
         "unpacking the rootfs diff: {}",
