@@ -61,6 +61,8 @@ impl Harness {
             bundle: "/b".into(),
             facts: facts.clone(),
             notes: Default::default(),
+            runc_root: None,
+            exit: None,
         };
         Records::store(&record_path, &record).unwrap();
         let recorder = Recorder { calls: Default::default(), status };
@@ -80,7 +82,7 @@ impl Harness {
                 ..Default::default()
             },
             runc: PathBuf::from("/bin/false"),
-            counters: Some(arch::metrics::Counters::new(self.dir.path())),
+            metrics: Some(arch::metrics::Metrics::at(self.dir.path())),
             ran_original: None,
         };
         (ctx, recorder)
@@ -118,8 +120,8 @@ fn builtins_pass_through() {
         assert_eq!(decision.unwrap(), Decision::PassThrough, "{sub}");
         assert!(recorder.calls.lock().unwrap().is_empty(), "{sub} ran runc");
     }
-    let totals = arch::metrics::Counters::new(h.dir.path()).totals().unwrap();
-    assert_eq!(totals.get("create_fresh_total"), Some(&1));
+    let totals = arch::metrics::Metrics::at(h.dir.path()).read().unwrap();
+    assert_eq!(totals.total("arch_fresh_starts_total"), 1);
 }
 
 #[test]
@@ -141,8 +143,8 @@ fn builtin_create_refuses_hostile_keys_and_starts_fresh() {
             h.context("create --bundle /b c1", &[("ARCH_ENABLE", "1"), ("ARCH_CHECKPOINT_KEY", key)], &[], 0);
         assert_eq!(h.run_builtin("create", ctx).0.unwrap(), Decision::PassThrough, "{key}");
     }
-    let totals = arch::metrics::Counters::new(h.dir.path()).totals().unwrap();
-    assert_eq!(totals.get("restore_refused_key_total"), Some(&3));
+    let totals = arch::metrics::Metrics::at(h.dir.path()).read().unwrap();
+    assert_eq!(totals.total("arch_refused_keys_total"), 3);
     assert!(!h.dir.path().join("checkpoints").exists(), "nothing written for a refused key");
 }
 

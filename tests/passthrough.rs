@@ -232,7 +232,7 @@ fn misbehaving_override_fails_open() {
     }
     let errors: Vec<_> = s.inst.log().into_iter().filter(|r| r["level"] == "ERROR").collect();
     assert!(errors.len() >= 4, "each failure is logged: {errors:?}");
-    assert_eq!(s.inst.counters().get("module_failures_total"), Some(&4));
+    assert_eq!(s.inst.counters().get("arch_module_failures_total"), Some(&4));
 }
 
 #[test]
@@ -249,8 +249,8 @@ fn group_writable_override_is_refused_and_the_builtin_runs() {
         .iter()
         .any(|r| r["level"] == "ERROR" && r["message"].as_str().unwrap().contains("writable by group or others")));
     assert!(s.inst.invocations()[0]["module"].as_str().unwrap().starts_with("builtin:"));
-    assert_eq!(s.inst.counters().get("module_refused_total"), Some(&1));
-    assert_eq!(s.inst.counters().get("module_failures_total"), None, "the trapping override never ran");
+    assert_eq!(s.inst.counters().get("arch_module_refusals_total"), Some(&1));
+    assert_eq!(s.inst.counters().get("arch_module_failures_total"), None, "the trapping override never ran");
 }
 
 #[test]
@@ -297,5 +297,5 @@ fn corrupt_cache_entries_are_recompiled() {
     assert_transparent(&s, &create, 0);
     assert!(s.inst.log().iter().any(|r| r["message"] == "untrusted module cache entry; recompiling"));
     assert!(std::fs::metadata(&entries[0]).unwrap().len() > 1000, "entry rewritten");
-    assert_eq!(s.inst.counters().get("module_failures_total"), None);
+    assert_eq!(s.inst.counters().get("arch_module_failures_total"), None);
 }

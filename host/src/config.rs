@@ -47,6 +47,27 @@ pub struct Config {
     /// Where a running container's layer is copied while it is frozen
     /// (tmpfs: a memory-speed copy); disk is used when it does not fit.
     pub freeze_staging_dir: PathBuf,
+    /// Also write every metric as CloudWatch Embedded Metric Format JSON
+    /// lines to this file (for the CloudWatch agent or Fluent Bit to ship).
+    pub cloudwatch_emf_file: Option<PathBuf>,
+    /// The CloudWatch namespace of those metrics.
+    pub cloudwatch_namespace: String,
+    /// What `archctl watch` does with the checkpoints of a container that
+    /// exits 0 (its job is done); per container: `ARCH_ON_EXIT_ZERO`.
+    pub on_exit_zero: OnExitZero,
+    /// With `on_exit_zero: remove`, how long after the exit the checkpoints
+    /// go (0: at once); per container: `ARCH_EXIT_ZERO_TTL`.
+    pub exit_zero_ttl_secs: u64,
+    /// containerd's gRPC socket, followed by `archctl watch`.
+    pub containerd_address: PathBuf,
+}
+
+/// The fate of a finished job's checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExitZero {
+    Remove,
+    Keep,
 }
 
 impl Default for Config {
@@ -66,6 +87,11 @@ impl Default for Config {
             checkpoint_flags: vec!["--file-locks".into()],
             keep_generations: 2,
             freeze_staging_dir: "/dev/shm/arch".into(),
+            cloudwatch_emf_file: None,
+            cloudwatch_namespace: "ARCH".into(),
+            on_exit_zero: OnExitZero::Remove,
+            exit_zero_ttl_secs: 0,
+            containerd_address: "/run/containerd/containerd.sock".into(),
         }
     }
 }

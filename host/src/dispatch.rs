@@ -10,7 +10,7 @@
 use crate::argv::{self, Invocation};
 use crate::config::Config;
 use crate::container::{self, BundleFacts, Record, Records};
-use crate::metrics::Counters;
+use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
 use crate::runc;
 use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
@@ -72,14 +72,20 @@ impl Call {
             Ok(runc) => runc,
             Err(e) => return self.fail(&e.to_string(), "no runc"),
         };
-        match self.route() {
+        let route = self.route();
+        let command = [("command", self.inv.subcommand.unwrap_or("none"))];
+        match route {
             Route::PassThrough(reason) => {
                 if self.report.reason.is_empty() {
                     self.report.reason = reason;
                 }
+                Metrics::new(&self.config).count("arch_passthrough_total", &command, 1);
                 self.exec(&runc, None)
             }
-            Route::Handle(record_path) => self.handle(&runc, record_path),
+            Route::Handle(record_path) => {
+                Metrics::new(&self.config).count("arch_handled_total", &command, 1);
+                self.handle(&runc, record_path)
+            }
         }
     }
 
@@ -140,7 +146,8 @@ impl Call {
             return Route::PassThrough("not ARCH-enabled");
         }
         self.report.arch_enabled = true;
-        let record = Record { namespace, id, bundle, facts, notes: Default::default() };
+        let runc_root = inv.global("root").map(str::to_owned);
+        let record = Record { namespace, id, bundle, facts, notes: Default::default(), runc_root, exit: None };
         if let Err(e) = Records::store(&record_path, &record) {
             tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
             self.count("arch_failures_total");
@@ -170,7 +177,7 @@ impl Call {
         let resolution = modules::resolve(&self.config.modules_dir, sub);
         if let Some(refusal) = &resolution.refused {
             tracing::error!(subcommand = sub, "module override refused, using the builtin: {refusal}");
-            self.count("module_refused_total");
+            self.count("arch_module_refusals_total");
         }
         let module = resolution.module;
         self.report.module = match &module.origin {
@@ -188,7 +195,7 @@ impl Call {
             runner: Box::new(ChildRunc(runc.to_path_buf())),
             config: self.config.clone(),
             runc: runc.to_path_buf(),
-            counters: Some(Counters::new(&self.config.state_dir)),
+            metrics: Some(Metrics::new(&self.config)),
             ran_original: None,
         };
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
@@ -196,7 +203,7 @@ impl Call {
             Ok(done) => done,
             Err((e, ran_original)) => {
                 tracing::error!(id = %self.report.id, module = %self.report.module, error = format!("{e:#}"), "handler failed; behaving as plain runc");
-                self.count("module_failures_total");
+                self.count("arch_module_failures_total");
                 return self.fail_open(runc, ran_original, "module failed");
             }
         };
@@ -207,7 +214,7 @@ impl Call {
                 Ok(full) => self.exec(runc, Some(full)),
                 Err(e) => {
                     tracing::error!(id = %ctx.id, "handler's exec-runc refused: {e}");
-                    self.count("module_failures_total");
+                    self.count("arch_module_failures_total");
                     self.fail_open(runc, ctx.ran_original, "exec-runc refused")
                 }
             },
@@ -276,10 +283,8 @@ impl Call {
         status
     }
 
-    fn count(&self, name: &str) {
-        if let Err(e) = Counters::new(&self.config.state_dir).add(name, 1) {
-            tracing::warn!(counter = name, error = %e, "counter not recorded");
-        }
+    fn count(&self, family: &str) {
+        Metrics::new(&self.config).count(family, &[], 1);
     }
 
     /// The one record per invocation.

@@ -104,8 +104,9 @@ impl Instance {
         dest
     }
 
+    /// Every counter series (`family{labels}`) recorded so far.
     pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
-        arch::metrics::Counters::new(&self.path("state")).totals().unwrap()
+        arch::metrics::Metrics::at(&self.path("state")).read().unwrap().counters
     }
 
     /// A bundle whose config.json sets `env` and `annotations`.

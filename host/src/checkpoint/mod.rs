@@ -3,6 +3,7 @@
 //! publication) and restoring one into a new container. The policy (when to
 //! take, which generation to try, what to do on failure) is the modules'.
 
+pub mod catalog;
 pub mod key;
 pub mod metadata;
 pub mod rootfs;
@@ -243,14 +244,32 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     std::fs::write(pending.join("metadata.json"), serde_json::to_vec_pretty(&meta).unwrap_or_default())
         .map_err(|e| incomplete("metadata.json", &e))?;
     metadata::validate(pending, &meta).map_err(|e| incomplete("validating the new generation", &e))?;
+    meta.phases_ms.insert("validate".into(), ms(started));
+    let started = Instant::now();
     let gen = store.publish(pending, name).map_err(|e| incomplete("publishing", &e))?;
     meta.phases_ms.insert("publish".into(), ms(started));
+    meta.phases_ms.insert("total".into(), ms(frozen_at));
+    record_phases(req.target.config, "checkpoint", &meta.phases_ms);
     match store.prune(req.target.config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta })
+}
+
+/// Adds each phase's duration to `arch_phase_duration_seconds`.
+fn record_phases(config: &Config, operation: &str, phases_ms: &std::collections::BTreeMap<String, u64>) {
+    let labels: Vec<[(&str, &str); 2]> =
+        phases_ms.keys().map(|phase| [("operation", operation), ("phase", phase.as_str())]).collect();
+    let figures: Vec<_> = phases_ms
+        .values()
+        .zip(&labels)
+        .map(|(ms, labels)| {
+            ("arch_phase_duration_seconds", &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
+        })
+        .collect();
+    crate::metrics::Metrics::new(config).record(&figures);
 }
 
 /// A file for the frozen copy of a layer of `bytes` in `freeze_staging_dir`
@@ -349,6 +368,11 @@ fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<()> {
 /// The newest published generations of a location, newest first.
 pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
     let store = Store::new(&location.dir);
+    if let Some(done) = store.completed() {
+        tracing::info!(key = %location.key, exit_status = done.exit_status,
+            "this key's job has finished: its checkpoints are kept until they expire, not restored");
+        return Ok(Vec::new());
+    }
     Ok(store
         .generations()?
         .into_iter()
@@ -391,15 +415,20 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let store = Store::new(&req.target.location.dir);
     let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.target.location.dir.display()))?;
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
+    let restore_started = Instant::now();
+    let mut phases = std::collections::BTreeMap::new();
     let meta = Store::metadata(&gen)?;
     metadata::validate(&gen.dir, &meta)?;
+    phases.insert("validate".to_owned(), ms(restore_started));
     let staging =
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
     let images = match meta.images_archive_bytes {
         Some(_) => {
+            let started = Instant::now();
             let images = staging.join("images");
             unpack(&gen.dir.join("images.tar.zst"), &images).map_err(|e| format!("{e:#}"))?;
+            phases.insert("unpack".to_owned(), ms(started));
             images
         }
         None => gen.dir.join("images"),
@@ -410,6 +439,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         let started = Instant::now();
         rootfs::apply(&gen.dir, &req.target.bundle.join("rootfs")).map_err(|e| format!("{e:#}"))?;
         tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
+        phases.insert("rootfs".to_owned(), ms(started));
     }
     let mut argv = with_globals(
         req.target.globals,
@@ -430,6 +460,11 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let started = Instant::now();
     let status = crate::runc::run(req.target.runc, &argv).map_err(|e| e.to_string())?;
     tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
+    if status == 0 {
+        phases.insert("restore".to_owned(), ms(started));
+        phases.insert("total".to_owned(), ms(restore_started));
+        record_phases(req.target.config, "restore", &phases);
+    }
     if status != 0 {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();

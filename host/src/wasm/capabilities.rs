@@ -47,7 +47,7 @@ pub struct CallContext {
     /// Where a handler may point runc's path flags beyond the paths runc was given.
     pub allowed_roots: Vec<PathBuf>,
     pub runner: Box<dyn RuncRunner>,
-    pub counters: Option<crate::metrics::Counters>,
+    pub metrics: Option<crate::metrics::Metrics>,
     pub config: Config,
     /// The real runc, for the host's own checkpoint and restore runs.
     pub runc: PathBuf,
@@ -152,8 +152,8 @@ impl log::Host for HostState {
 
 impl metrics::Host for HostState {
     fn count(&mut self, name: String, value: u64) -> wasmtime::Result<()> {
-        if let Some(counters) = &self.ctx.counters {
-            if let Err(e) = counters.add(&name, value) {
+        if let Some(metrics) = &self.ctx.metrics {
+            if let Err(e) = metrics.count_guest(&name, value) {
                 tracing::warn!(id = %self.ctx.id, error = %e, "module counter not recorded");
             }
         }

@@ -28,7 +28,8 @@ impl Handler for Checkpoint {
         match checkpoints::take(&options) {
             Ok(generation) => {
                 metrics::count("checkpoint_success_total", 1);
-                metrics::count("checkpoint_bytes_total", generation.images_bytes + generation.rootfs_bytes);
+                metrics::count("checkpoint_images_bytes_total", generation.images_bytes);
+                metrics::count("checkpoint_rootfs_bytes_total", generation.rootfs_bytes);
                 log::info(&format!(
                     "checkpoint {}: published {} under {}",
                     container.id, generation.name, generation.key

@@ -1,0 +1,165 @@
+//! Metrics as processes see them: many concurrent arch-runc calls lose no
+//! increment; `archctl metrics` parses with Prometheus' own parsers; the
+//! CloudWatch EMF copy is well formed.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use support::*;
+
+/// Starts every command before waiting for any, so that they overlap.
+fn run_all(mut commands: Vec<Command>) {
+    let children: Vec<_> =
+        commands.iter_mut().map(|c| c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()).collect();
+    for mut child in children {
+        child.wait().unwrap();
+    }
+}
+
+#[test]
+fn twenty_concurrent_invocations_count_exactly_twenty() {
+    let fake_dir = tempfile::tempdir().unwrap();
+    let runc = fake_runc(fake_dir.path());
+    let inst = Instance::new(&runc);
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    for round in 0..3 {
+        run_all(
+            (0..20)
+                .map(|i| {
+                    let mut c = inst.arch_runc();
+                    c.args(["state", &format!("plain-{round}-{i}")]);
+                    c
+                })
+                .collect(),
+        );
+        run_all(
+            (0..20)
+                .map(|i| {
+                    let mut c = inst.arch_runc();
+                    c.args(["create", "--bundle"]).arg(&bundle).arg(format!("armed-{round}-{i}"));
+                    c
+                })
+                .collect(),
+        );
+        let counters = inst.counters();
+        let n = 20 * (round + 1);
+        assert_eq!(counters.get("arch_passthrough_total{command=\"state\"}"), Some(&n), "{counters:?}");
+        assert_eq!(counters.get("arch_handled_total{command=\"create\"}"), Some(&n), "{counters:?}");
+        assert_eq!(counters.get("arch_fresh_starts_total"), Some(&n), "{counters:?}");
+        // Folding the events into the snapshot in between loses nothing either.
+        arch::metrics::Metrics::at(&inst.path("state")).compact().unwrap();
+    }
+}
+
+/// Parses Prometheus text with the Prometheus project's Python client parser;
+/// prints `name labels value` per sample.
+const PARSE: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        print(family.type, s.name, labels, s.value)
+"#;
+
+#[test]
+fn archctl_metrics_parses_with_prometheus_parsers() {
+    let have_parsers =
+        Command::new("/usr/bin/python3").args(["-c", "import prometheus_client"]).status().is_ok_and(|s| s.success());
+    let have_promtool = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !require(have_parsers && have_promtool, "python3-prometheus-client and promtool (scripts/setup.sh)") {
+        return;
+    }
+    let inst = Instance::new(Path::new("/bin/true"));
+    let m = arch::metrics::Metrics::at(&inst.path("state"));
+    m.count_guest("checkpoint_attempts_total", 2).unwrap();
+    m.count_guest("checkpoint_failure_runc_total", 1).unwrap();
+    m.count_guest("checkpoint_images_bytes_total", 4096).unwrap();
+    m.count_guest("vendor_special_total", 1).unwrap();
+    for s in [0.003, 0.2, 7.0] {
+        m.observe("arch_phase_duration_seconds", &[("operation", "checkpoint"), ("phase", "dump")], s);
+    }
+    m.observe("arch_phase_duration_seconds", &[("operation", "restore"), ("phase", "total")], 1.5);
+
+    let out = inst.archctl().arg("metrics").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+
+    let mut python = Command::new("/usr/bin/python3")
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(python.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let parsed = python.wait_with_output().unwrap();
+    assert!(parsed.status.success(), "{}\n{text}", String::from_utf8_lossy(&parsed.stderr));
+    let samples = String::from_utf8(parsed.stdout).unwrap();
+    for line in [
+        "counter arch_checkpoint_attempts_total  2.0",
+        "counter arch_checkpoint_failures_total reason=runc 1.0",
+        "counter arch_checkpoint_bytes_total part=images 4096.0",
+        "counter arch_module_events_total name=vendor_special_total 1.0",
+        "histogram arch_phase_duration_seconds_bucket le=0.005,operation=checkpoint,phase=dump 1.0",
+        "histogram arch_phase_duration_seconds_bucket le=10,operation=checkpoint,phase=dump 3.0",
+        "histogram arch_phase_duration_seconds_count operation=checkpoint,phase=dump 3.0",
+        "histogram arch_phase_duration_seconds_sum operation=restore,phase=total 1.5",
+    ] {
+        assert!(samples.lines().any(|l| l == line), "missing {line:?} in\n{samples}");
+    }
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let lint = promtool.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    let json = inst.archctl().args(["metrics", "--json"]).output().unwrap();
+    let snapshot: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(snapshot["counters"]["arch_checkpoint_failures_total{reason=\"runc\"}"], 1);
+    assert_eq!(
+        snapshot["histograms"]["arch_phase_duration_seconds{operation=\"checkpoint\",phase=\"dump\"}"]["count"],
+        3
+    );
+}
+
+#[test]
+fn cloudwatch_emf_lines_carry_the_same_figures() {
+    let fake_dir = tempfile::tempdir().unwrap();
+    let runc = fake_runc(fake_dir.path());
+    let emf_dir = tempfile::tempdir().unwrap();
+    let emf = emf_dir.path().join("emf/arch.jsonl");
+    let inst =
+        Instance::with(&runc, serde_json::json!({ "cloudwatch_emf_file": emf, "cloudwatch_namespace": "ARCH/test" }));
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    assert!(inst.arch_runc().args(["create", "--bundle"]).arg(&bundle).arg("c1").status().unwrap().success());
+    assert!(inst.arch_runc().args(["state", "c2"]).status().unwrap().success());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&emf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let find =
+        |name: &str| lines.iter().find(|l| l["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == name).cloned();
+    let handled = find("arch_handled_total").expect("handled create");
+    assert_eq!(handled["arch_handled_total"], 1);
+    assert_eq!(handled["command"], "create");
+    assert_eq!(handled["_aws"]["CloudWatchMetrics"][0]["Namespace"], "ARCH/test");
+    assert_eq!(handled["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["command"]]));
+    assert_eq!(handled["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"], "Count");
+    assert!(handled["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(find("arch_fresh_starts_total").unwrap()["arch_fresh_starts_total"], 1);
+    assert_eq!(find("arch_passthrough_total").unwrap()["command"], "state");
+    // The same figures as the Prometheus side.
+    let counters = inst.counters();
+    assert_eq!(counters.get("arch_handled_total{command=\"create\"}"), Some(&1));
+}
