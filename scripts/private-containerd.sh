@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# private-containerd.sh start|stop DIR: a containerd of its own (root, state,
+# private-containerd.sh start|stop|restart DIR: a containerd of its own (root, state,
 # sockets and log under DIR) so that tests and the demo never touch the
 # machine's containerd. `start` prints nothing and returns once the socket
 # answers; the address is DIR/containerd.sock. Environment (ARCH_CONFIG...)
-# is inherited by the shims and so by arch-runc.
+# is inherited by the shims and so by arch-runc. `restart` stops only the
+# containerd process (tasks and their shims live on) and starts it again.
 set -euo pipefail
 cmd=$1
 dir=$(realpath -m "$2")
 sock=$dir/containerd.sock
+
+stop_daemon() {
+  if [ -f "$dir/containerd.pid" ]; then
+    pid=$(cat "$dir/containerd.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/containerd.pid"
+  fi
+}
+
+if [ "$cmd" = restart ]; then
+  stop_daemon
+  exec bash "$0" start "$dir"
+fi
 
 case $cmd in
 start)
@@ -48,18 +64,12 @@ stop)
       done
     done
   fi
-  if [ -f "$dir/containerd.pid" ]; then
-    pid=$(cat "$dir/containerd.pid")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$dir/containerd.pid"
-  fi
+  stop_daemon
   # Snapshots and shm mounts left by killed tasks would keep DIR busy.
   grep -o " $dir/[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   ;;
 *)
-  echo "usage: $0 start|stop DIR" >&2
+  echo "usage: $0 start|stop|restart DIR" >&2
   exit 2
   ;;
 esac

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ARCH needs on a Debian 12 machine, idempotently:
 # containerd, runc, CRIU 4.x (from trixie, pinned low), iptables, busybox-static,
-# zstd, hyperfine, python3, musl-tools (arch-runc is a static musl binary), and
+# zstd, hyperfine, python3, musl-tools (arch-runc is a static musl binary),
+# protobuf-compiler (containerd's gRPC API is generated at build time),
+# promtool and python3-prometheus-client (tests parse ARCH's metrics), and
 # the wasm32-wasip2 and x86_64-unknown-linux-musl Rust targets. Safe to run again.
 set -euo pipefail
 
@@ -12,10 +14,11 @@ export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
 for bin in containerd:containerd runc:runc iptables-restore:iptables busybox:busybox-static zstd:zstd \
-  hyperfine:hyperfine python3:python3 musl-gcc:musl-tools; do
+  hyperfine:hyperfine python3:python3 musl-gcc:musl-tools protoc:protobuf-compiler promtool:promtool; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need_apt+=("${bin##*:}")
 done
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
+/usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need_apt+=(python3 python3-prometheus-client)
 
 criu_ok() { command -v criu >/dev/null 2>&1 && criu --version 2>/dev/null | grep -q 'Version: [4-9]'; }
 

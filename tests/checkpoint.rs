@@ -10,70 +10,6 @@ use std::path::{Path, PathBuf};
 use support::containerd::*;
 use support::*;
 
-/// Counts in /data/count (continuing from it if present) and keeps
-/// /data/held.log open on fd 3 the whole time.
-const COUNTER: &str = "i=0; [ -f /data/count ] && i=$(cat /data/count); exec 3>>/data/held.log; \
-                       while true; do i=$((i+1)); echo $i > /data/count; echo $i >&3; sleep 0.1; done";
-
-fn count(ctd: &Containerd, id: &str) -> u64 {
-    let exec_id =
-        format!("c{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "cat", "/data/count"]).trim().parse().unwrap()
-}
-
-fn exec(ctd: &Containerd, id: &str, script: &str) -> String {
-    let exec_id =
-        format!("e{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "sh", "-c", script])
-}
-
-fn start_counter(ctd: &Containerd, id: &str, env: &[&str]) {
-    let mut env = env.to_vec();
-    env.push("ARCH_ENABLE=1");
-    let out = ctd.run(id, &env, true, &["sh", "-c", COUNTER]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    ctd.wait_status(id, "RUNNING");
-    std::thread::sleep(std::time::Duration::from_millis(700));
-}
-
-/// `ctr task checkpoint`: pause, checkpoint (--leave-running unless `exit`), resume.
-/// ctr itself may report "content already exists" for a second image of a
-/// task, so success is judged by the generation ARCH published.
-fn checkpoint(ctd: &Containerd, id: &str, exit: bool, key_dir: &Path) -> String {
-    let before = generations(key_dir);
-    let mut args = vec!["task", "checkpoint"];
-    if exit {
-        args.push("--exit");
-    }
-    args.push(id);
-    let _ = ctd.ctr(&args);
-    let after = generations(key_dir);
-    let new: Vec<_> = after.iter().filter(|g| !before.contains(g)).cloned().collect();
-    assert_eq!(new.len(), 1, "one new generation: before {before:?} after {after:?}; log: {:?}", errors(&ctd.inst));
-    new[0].clone()
-}
-
-fn generations(key_dir: &Path) -> Vec<String> {
-    let mut g: Vec<String> = std::fs::read_dir(key_dir.join(".arch/generations"))
-        .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    g.sort();
-    g
-}
-
-fn errors(inst: &Instance) -> Vec<String> {
-    inst.log().into_iter().filter(|r| r["level"] == "ERROR").map(|r| r.to_string()).collect()
-}
-
-fn remove(ctd: &Containerd, id: &str) {
-    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
-    if !ctd.task_status(id).is_empty() {
-        ctd.wait_status(id, "STOPPED");
-        ctd.ok(&["task", "delete", id]);
-    }
-    ctd.ok(&["container", "delete", id]);
-}
-
 fn restored_from(inst: &Instance, id: &str) -> Option<String> {
     inst.log().into_iter().rev().find_map(|r| {
         let m = r["message"].as_str()?;
@@ -313,7 +249,7 @@ fn a_full_checkpoint_disk_fails_open() {
     assert!(count(&ctd, "job") > before, "and keeps counting");
     assert!(generations(&full.path().join(&ctd.ns).join("job")).is_empty(), "nothing half-written is published");
     assert!(ctd.inst.log().iter().any(|r| r["message"] == "checkpoint not published"));
-    assert_eq!(ctd.inst.counters().get("checkpoint_failure_incomplete_total"), Some(&1));
+    assert_eq!(ctd.inst.counters().get("arch_checkpoint_failures_total{reason=\"incomplete\"}"), Some(&1));
     remove(&ctd, "job");
     start_counter(&ctd, "job", &[]);
     assert!(count(&ctd, "job") < 100, "a fresh start");

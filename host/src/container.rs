@@ -94,6 +94,25 @@ pub struct Record {
     /// Handlers' notes (`state` capability).
     #[serde(default)]
     pub notes: BTreeMap<String, String>,
+    /// The `--root` runc was called with, to ask runc about the container later.
+    #[serde(default)]
+    pub runc_root: Option<String>,
+    /// How the container ended, once `archctl watch` has seen it.
+    #[serde(default)]
+    pub exit: Option<Exit>,
+}
+
+/// A container's end, and what was done with its checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    /// The init process' exit status (128 + signal when killed); `None`
+    /// when the container was gone before its status could be learned.
+    pub status: Option<u32>,
+    pub at_unix_ms: u64,
+    /// `event` (containerd's task exit) or `reconcile` (found on start).
+    pub source: String,
+    /// What the lifecycle policy did: `removed`, `expires`, `kept`.
+    pub action: String,
 }
 
 /// Where records live: `<state_dir>/containers/<runc root key>/<id>.json`.
@@ -144,11 +163,59 @@ impl Records {
     }
 
     /// Drops the record and its lock file (see `dispatch::lock`): the
-    /// container is no longer ARCH's.
+    /// container is no longer ARCH's. The record moves to
+    /// `<state_dir>/ended/<ns>/<id>.json`, for `archctl watch` to settle
+    /// its checkpoints once it knows how the container exited.
     pub fn forget(path: &Path) -> std::io::Result<()> {
+        if let Some(ended) = ended_path(path) {
+            if let Some(dir) = ended.parent() {
+                create_private_dir(dir)?;
+            }
+            match std::fs::rename(path, &ended) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         remove_if_present(path)?;
         remove_if_present(&path.with_extension("lock"))
     }
+
+    /// Every record, live (`containers/`) and ended (`ended/`), by path.
+    pub fn all(&self) -> Vec<(PathBuf, bool)> {
+        let mut found = Vec::new();
+        let state_dir = self.dir.parent().unwrap_or(Path::new("/"));
+        for (top, ended) in [(self.dir.clone(), false), (state_dir.join("ended"), true)] {
+            let Ok(namespaces) = std::fs::read_dir(&top) else { continue };
+            for ns in namespaces.flatten() {
+                let Ok(files) = std::fs::read_dir(ns.path()) else { continue };
+                for f in files.flatten() {
+                    let path = f.path();
+                    if path.extension().is_some_and(|e| e == "json") {
+                        found.push((path, ended));
+                    }
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Where the record of container `id` in namespace `ns` is, live or ended.
+    pub fn find(&self, ns: &str, id: &str) -> Option<(PathBuf, bool)> {
+        if !is_valid_id(id) || !is_valid_id(ns) {
+            return None;
+        }
+        let live = self.dir.join(ns).join(format!("{id}.json"));
+        let ended = ended_path(&live)?;
+        [(live, false), (ended, true)].into_iter().find(|(p, _)| p.is_file())
+    }
+}
+
+/// `<state_dir>/containers/<ns>/<id>.json` → `<state_dir>/ended/<ns>/<id>.json`.
+fn ended_path(live: &Path) -> Option<PathBuf> {
+    let ns_dir = live.parent()?;
+    let state_dir = ns_dir.parent()?.parent()?;
+    Some(state_dir.join("ended").join(ns_dir.file_name()?).join(live.file_name()?))
 }
 
 fn remove_if_present(path: &Path) -> std::io::Result<()> {

@@ -5,7 +5,10 @@
 //! - whether ARCH handles it, and how: [`dispatch`];
 //! - the per-subcommand policy: `modules/<subcommand>/src/lib.rs` (WebAssembly);
 //! - what a module may ask of the host: [`wasm`] (capabilities);
-//! - which module runs: [`modules`] (builtin or operator override).
+//! - which module runs: [`modules`] (builtin or operator override);
+//! - checkpoints on disk: [`checkpoint`] (take, restore, store, catalog);
+//! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);
+//! - counters and durations: [`metrics`].
 
 pub mod archctl;
 pub mod argv;
@@ -13,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod container;
 pub mod dispatch;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod modules;

@@ -66,6 +66,22 @@ impl Containerd {
         ctd
     }
 
+    /// Stops containerd (not its tasks) and starts it again.
+    pub fn restart(&self) {
+        let status = Command::new("bash")
+            .arg(repo().join("scripts/private-containerd.sh"))
+            .arg("restart")
+            .arg(&self.dir)
+            .env("ARCH_CONFIG", &self.inst.config)
+            .status()
+            .unwrap();
+        assert!(status.success(), "private containerd did not restart");
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Output {
         Command::new("ctr")
             .arg("--address")
@@ -131,6 +147,70 @@ impl Containerd {
             .map(|r| (r["subcommand"].as_str().unwrap().to_owned(), r["arch_enabled"].as_bool().unwrap()))
             .collect()
     }
+}
+
+/// Counts in /data/count (continuing from it if present) and keeps
+/// /data/held.log open on fd 3 the whole time.
+pub const COUNTER: &str = "i=0; [ -f /data/count ] && i=$(cat /data/count); exec 3>>/data/held.log; \
+                       while true; do i=$((i+1)); echo $i > /data/count; echo $i >&3; sleep 0.1; done";
+
+pub fn count(ctd: &Containerd, id: &str) -> u64 {
+    let exec_id =
+        format!("c{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "cat", "/data/count"]).trim().parse().unwrap()
+}
+
+pub fn exec(ctd: &Containerd, id: &str, script: &str) -> String {
+    let exec_id =
+        format!("e{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "sh", "-c", script])
+}
+
+pub fn start_counter(ctd: &Containerd, id: &str, env: &[&str]) {
+    let mut env = env.to_vec();
+    env.push("ARCH_ENABLE=1");
+    let out = ctd.run(id, &env, true, &["sh", "-c", COUNTER]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ctd.wait_status(id, "RUNNING");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+}
+
+/// `ctr task checkpoint`: pause, checkpoint (--leave-running unless `exit`), resume.
+/// ctr itself may report "content already exists" for a second image of a
+/// task, so success is judged by the generation ARCH published.
+pub fn checkpoint(ctd: &Containerd, id: &str, exit: bool, key_dir: &Path) -> String {
+    let before = generations(key_dir);
+    let mut args = vec!["task", "checkpoint"];
+    if exit {
+        args.push("--exit");
+    }
+    args.push(id);
+    let _ = ctd.ctr(&args);
+    let after = generations(key_dir);
+    let new: Vec<_> = after.iter().filter(|g| !before.contains(g)).cloned().collect();
+    assert_eq!(new.len(), 1, "one new generation: before {before:?} after {after:?}; log: {:?}", errors(&ctd.inst));
+    new[0].clone()
+}
+
+pub fn generations(key_dir: &Path) -> Vec<String> {
+    let mut g: Vec<String> = std::fs::read_dir(key_dir.join(".arch/generations"))
+        .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    g.sort();
+    g
+}
+
+pub fn errors(inst: &Instance) -> Vec<String> {
+    inst.log().into_iter().filter(|r| r["level"] == "ERROR").map(|r| r.to_string()).collect()
+}
+
+pub fn remove(ctd: &Containerd, id: &str) {
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+    if !ctd.task_status(id).is_empty() {
+        ctd.wait_status(id, "STOPPED");
+        ctd.ok(&["task", "delete", id]);
+    }
+    ctd.ok(&["container", "delete", id]);
 }
 
 impl Drop for Containerd {

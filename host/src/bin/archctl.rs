@@ -7,7 +7,7 @@ fn main() {
         Ok(status) => std::process::exit(status),
         Err(e) => {
             eprintln!("archctl: {e:#}");
-            std::process::exit(1);
+            std::process::exit(arch::archctl::exit_code(&e));
         }
     }
 }

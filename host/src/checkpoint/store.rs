@@ -5,6 +5,7 @@
 //! <root>/<key>/.arch/pending-<name>/       being written; never read by restore
 //! <root>/<key>/.arch/generations/<name>/   published: complete and validated
 //! <root>/<key>/.arch/quarantine/<name>/    failed to restore; never retried
+//! <root>/<key>/.arch/completed.json        the job exited 0: not restored, removed after a TTL
 //! ```
 //!
 //! A generation is published by one `rename` of its pending directory after
@@ -19,6 +20,17 @@ use std::path::{Path, PathBuf};
 
 pub struct Store {
     arch: PathBuf,
+}
+
+/// The mark of a key whose job has finished (exit 0) but whose checkpoints
+/// are kept for a while (`exit_zero_ttl_secs`): restore ignores them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Completed {
+    pub namespace: String,
+    pub container_id: String,
+    pub exit_status: u32,
+    pub exited_at_unix_ms: u64,
+    pub remove_after_unix_ms: u64,
 }
 
 /// A published generation, by name (sortable: newer names sort later).
@@ -37,6 +49,52 @@ impl Store {
         self.arch.join("generations")
     }
 
+    /// `<root>/<key>/.arch`.
+    pub fn arch_dir(&self) -> &Path {
+        &self.arch
+    }
+
+    pub fn completed(&self) -> Option<Completed> {
+        let bytes = std::fs::read(self.arch.join("completed.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Marks the key's job as finished (the caller holds the lock).
+    pub fn mark_completed(&self, completed: &Completed) -> std::io::Result<()> {
+        create_private_dir(&self.arch)?;
+        let tmp = self.arch.join(format!("completed.json.tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec(completed).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, self.arch.join("completed.json"))
+    }
+
+    /// Quarantined generations, newest first, with the reason each failed.
+    pub fn quarantined(&self) -> std::io::Result<Vec<(Generation, String)>> {
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(self.arch.join("quarantine")) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let dir = entry.path();
+            let reason = std::fs::read_to_string(dir.join("quarantine-reason.txt")).unwrap_or_default();
+            found.push((Generation { name: entry.file_name().to_string_lossy().into_owned(), dir }, reason));
+        }
+        found.sort_by(|a, b| b.0.name.cmp(&a.0.name));
+        Ok(found)
+    }
+
+    /// Attempts left behind by checkpoints that died (none while the lock is held by a live one).
+    pub fn pending(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.arch) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pending-"))
+            .map(|e| e.path())
+            .collect()
+    }
+
     /// Takes the key's lock (blocking) for as long as the file lives.
     pub fn lock(&self) -> std::io::Result<std::fs::File> {
         create_private_dir(&self.arch)?;
@@ -46,6 +104,17 @@ impl Store {
             return Err(std::io::Error::last_os_error());
         }
         Ok(file)
+    }
+
+    /// The key's lock if nobody holds it now (for housekeeping that must not wait).
+    pub fn try_lock(&self) -> std::io::Result<Option<std::fs::File>> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.arch.join("lock"))?;
+        // SAFETY: flock on a valid, open fd.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(file))
     }
 
     /// Published generations, newest first.
@@ -96,6 +165,11 @@ impl Store {
         let dir = gens.join(name);
         std::fs::rename(pending, &dir)?;
         fsync_dir(&gens)?;
+        // A new checkpoint means the job runs again: it is no longer finished.
+        match std::fs::remove_file(self.arch.join("completed.json")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         Ok(Generation { name: name.to_owned(), dir })
     }
 

@@ -1,0 +1,49 @@
+//! `archctl rm KEY`: removes every generation of a key (under its lock, so
+//! never in the middle of a checkpoint or restore).
+
+use super::{output, CtlError, ModeArg};
+use crate::checkpoint::{catalog, store::Store};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use anyhow::Context;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    key: String,
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
+    let locations = catalog::find(config, &args.key, args.mode.map(Into::into)).map_err(CtlError::from)?;
+    let mut removed = Vec::new();
+    for location in &locations {
+        let store = Store::new(&location.dir);
+        let count = store.generations()?.len() + store.quarantined()?.len();
+        let bar = output::progress(count as u64, &format!("removing {}", location.key));
+        let bytes = catalog::remove_key(location, &|name| {
+            bar.set_message(format!("removing {}/{name}", location.key));
+            bar.inc(1);
+        })
+        .with_context(|| format!("removing {}", location.dir.display()))?;
+        bar.finish_and_clear();
+        Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "rm")], 1);
+        removed.push(serde_json::json!({
+            "key": location.key, "mode": catalog::mode_name(location.mode), "generations": count, "bytes": bytes,
+        }));
+        if !args.json {
+            println!(
+                "removed {} ({}, {count} generation(s), {})",
+                location.key,
+                catalog::mode_name(location.mode),
+                output::bytes(bytes)
+            );
+        }
+    }
+    if args.json {
+        output::print_json(&removed)?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,332 @@
+//! The operator's view of the checkpoint roots: which keys exist, what each
+//! holds, and removing them. Used by `archctl` and by the lifecycle policy.
+
+use super::key::{self, Location};
+use super::metadata::{self, Metadata};
+use super::store::{Completed, Generation, Store};
+use crate::config::{Config, Mode};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The configured roots, each once (both modes may share one directory).
+fn roots(config: &Config) -> Vec<(Mode, PathBuf)> {
+    let mut roots = vec![(Mode::Basic, config.checkpoint_dir.clone())];
+    if config.network_fs_dir != config.checkpoint_dir {
+        roots.push((Mode::NetworkFs, config.network_fs_dir.clone()));
+    }
+    roots
+}
+
+/// Every key under the configured roots (a key is a directory holding `.arch`).
+pub fn keys(config: &Config) -> std::io::Result<Vec<Location>> {
+    let mut found = Vec::new();
+    for (mode, root) in roots(config) {
+        walk(&root, &root, mode, 0, &mut found)?;
+    }
+    found.sort_by(|a, b| (&a.key, a.mode as u8).cmp(&(&b.key, b.mode as u8)));
+    Ok(found)
+}
+
+fn walk(root: &Path, dir: &Path, mode: Mode, depth: usize, found: &mut Vec<Location>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && depth == 0 => return Ok(()),
+        Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let path = entry.path();
+        // Never follow symlinks: a key is a real directory under the root.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if name == ".arch" {
+            if let Some(key) = path.parent().and_then(|p| p.strip_prefix(root).ok()).and_then(|k| k.to_str()) {
+                if key::validate(key).is_ok() {
+                    found.push(Location {
+                        key: key.to_owned(),
+                        mode,
+                        root: root.to_path_buf(),
+                        dir: dir.to_path_buf(),
+                    });
+                }
+            }
+        } else if depth < 8 && !name.to_string_lossy().starts_with(".arch") {
+            walk(root, &path, mode, depth + 1, found)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    #[error("{0}")]
+    BadKey(#[from] key::KeyError),
+    #[error("no checkpoints under key {0:?}")]
+    NotFound(String),
+}
+
+/// The locations holding `key` (one per root that has it), optionally only in `mode`.
+pub fn find(config: &Config, key: &str, mode: Option<Mode>) -> Result<Vec<Location>, FindError> {
+    key::validate(key)?;
+    let found: Vec<Location> = roots(config)
+        .into_iter()
+        .filter(|(m, _)| mode.is_none_or(|want| want == *m))
+        .map(|(mode, root)| Location { key: key.into(), mode, dir: root.join(key), root })
+        .filter(|l| l.dir.join(".arch").is_dir())
+        .collect();
+    if found.is_empty() {
+        return Err(FindError::NotFound(key.into()));
+    }
+    Ok(found)
+}
+
+/// One generation as the operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationInfo {
+    pub name: String,
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub created_unix_ms: Option<u64>,
+    /// Metadata and the cheap validation (`metadata::validate`): why not, if not.
+    pub problem: Option<String>,
+    pub quarantine_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+}
+
+/// What one key holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub key: String,
+    pub mode: &'static str,
+    pub dir: PathBuf,
+    pub generations: Vec<GenerationInfo>,
+    pub quarantined: Vec<GenerationInfo>,
+    pub pending: usize,
+    pub completed: Option<Completed>,
+    pub bytes: u64,
+    pub status: &'static str,
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Basic => "basic",
+        Mode::NetworkFs => "network-fs",
+    }
+}
+
+fn info(gen: &Generation, quarantine_reason: Option<String>) -> GenerationInfo {
+    let meta = Store::metadata(gen);
+    let problem = match &meta {
+        Ok(m) if quarantine_reason.is_none() => metadata::validate(&gen.dir, m).err(),
+        Ok(_) => None,
+        Err(e) => Some(e.clone()),
+    };
+    let created = meta.as_ref().ok().map(|m| m.created_unix_ms).or_else(|| created_from_name(&gen.name));
+    GenerationInfo {
+        name: gen.name.clone(),
+        dir: gen.dir.clone(),
+        bytes: disk_bytes(&gen.dir),
+        created_unix_ms: created,
+        problem,
+        quarantine_reason,
+        metadata: meta.ok(),
+    }
+}
+
+/// `gen-<ms>-<pid>` names carry their creation time.
+fn created_from_name(name: &str) -> Option<u64> {
+    name.strip_prefix("gen-")?.split('-').next()?.parse().ok()
+}
+
+pub fn summarize(location: &Location) -> std::io::Result<Summary> {
+    let store = Store::new(&location.dir);
+    let generations: Vec<GenerationInfo> = store.generations()?.iter().map(|g| info(g, None)).collect();
+    let quarantined: Vec<GenerationInfo> =
+        store.quarantined()?.iter().map(|(g, why)| info(g, Some(why.trim().to_owned()))).collect();
+    let completed = store.completed();
+    let status = match (generations.first(), &completed) {
+        (_, Some(_)) => "completed",
+        (None, _) if !quarantined.is_empty() => "quarantined",
+        (None, _) => "empty",
+        (Some(newest), _) if newest.problem.is_none() => "ready",
+        (Some(_), _) if generations.iter().any(|g| g.problem.is_none()) => "degraded",
+        (Some(_), _) => "invalid",
+    };
+    let bytes = generations.iter().chain(&quarantined).map(|g| g.bytes).sum();
+    Ok(Summary {
+        key: location.key.clone(),
+        mode: mode_name(location.mode),
+        dir: location.dir.clone(),
+        generations,
+        quarantined,
+        pending: store.pending().len(),
+        completed,
+        bytes,
+        status,
+    })
+}
+
+/// Bytes used by the files under `dir` (not following symlinks).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => disk_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Deep validation of one generation: the cheap checks, then every archive
+/// read through (zstd checks its frame checksums).
+pub fn validate_deep(gen_dir: &Path) -> Result<(), String> {
+    let gen = Generation { name: String::new(), dir: gen_dir.to_path_buf() };
+    let meta = Store::metadata(&gen)?;
+    metadata::validate(gen_dir, &meta)?;
+    for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
+        let path = gen_dir.join(archive);
+        if !path.exists() {
+            continue;
+        }
+        let out = std::process::Command::new("zstd")
+            .args(["-t", "-q"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("zstd -t {archive}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{archive}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+    }
+    Ok(())
+}
+
+/// Removes a whole key (generations, quarantine, leftovers) under its lock;
+/// `progress` is called after each generation. Nested keys below it stay.
+pub fn remove_key(location: &Location, progress: &dyn Fn(&str)) -> std::io::Result<u64> {
+    let store = Store::new(&location.dir);
+    let lock = store.lock()?;
+    let mut bytes = 0;
+    let gens = store.generations()?.into_iter().chain(store.quarantined()?.into_iter().map(|(g, _)| g));
+    for gen in gens {
+        bytes += disk_bytes(&gen.dir);
+        std::fs::remove_dir_all(&gen.dir)?;
+        progress(&gen.name);
+    }
+    for pending in store.pending() {
+        std::fs::remove_dir_all(pending)?;
+    }
+    let arch = store.arch_dir().to_path_buf();
+    for entry in std::fs::read_dir(&arch)?.flatten() {
+        if entry.file_name() != "lock" {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    std::fs::remove_file(arch.join("lock"))?;
+    drop(lock);
+    std::fs::remove_dir(&arch)?;
+    // Empty parents up to the root go too; a nested key's directory stays.
+    let mut dir = location.dir.clone();
+    while dir != location.root && dir.starts_with(&location.root) && std::fs::remove_dir(&dir).is_ok() {
+        dir.pop();
+    }
+    Ok(bytes)
+}
+
+/// Removes one generation (published or quarantined) of a key; the caller holds the lock.
+pub fn remove_generation(gen: &GenerationInfo) -> std::io::Result<u64> {
+    let bytes = gen.bytes;
+    std::fs::remove_dir_all(&gen.dir)?;
+    Ok(bytes)
+}
+
+/// Finished keys whose TTL has passed, removed; returns their keys.
+pub fn expire_completed(config: &Config) -> std::io::Result<Vec<(Location, u64)>> {
+    let now = now_ms();
+    let mut removed = Vec::new();
+    for location in keys(config)? {
+        let store = Store::new(&location.dir);
+        if store.completed().is_some_and(|c| c.remove_after_unix_ms <= now) {
+            let bytes = remove_key(&location, &|_| {})?;
+            removed.push((location, bytes));
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        Config { checkpoint_dir: dir.join("basic"), network_fs_dir: dir.join("netfs"), ..Default::default() }
+    }
+
+    fn make_key(root: &Path, key: &str, gens: &[&str]) {
+        for g in gens {
+            std::fs::create_dir_all(root.join(key).join(".arch/generations").join(g)).unwrap();
+        }
+    }
+
+    #[test]
+    fn keys_are_found_nested_and_removed_without_their_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        make_key(&config.checkpoint_dir, "default/job", &["gen-0000000000001-1"]);
+        make_key(&config.checkpoint_dir, "default/job/step", &["gen-0000000000002-1"]);
+        make_key(&config.network_fs_dir, "team/x", &["gen-0000000000003-1"]);
+        std::os::unix::fs::symlink("/etc", config.checkpoint_dir.join("evil")).unwrap();
+        let found: Vec<_> = keys(&config).unwrap().into_iter().map(|l| (l.key, mode_name(l.mode))).collect();
+        assert_eq!(
+            found,
+            [("default/job".into(), "basic"), ("default/job/step".into(), "basic"), ("team/x".into(), "network-fs")]
+        );
+        let job = find(&config, "default/job", None).unwrap().remove(0);
+        assert_eq!(summarize(&job).unwrap().status, "invalid", "no metadata.json");
+        remove_key(&job, &|_| {}).unwrap();
+        assert!(!job.dir.join(".arch").exists());
+        assert!(find(&config, "default/job/step", None).is_ok(), "the nested key stays");
+        assert!(matches!(find(&config, "default/job", None), Err(FindError::NotFound(_))));
+        assert!(matches!(find(&config, "../etc", None), Err(FindError::BadKey(_))));
+        let x = find(&config, "team/x", Some(Mode::NetworkFs)).unwrap().remove(0);
+        remove_key(&x, &|_| {}).unwrap();
+        assert!(!config.network_fs_dir.join("team").exists(), "empty parents go");
+        assert!(config.network_fs_dir.exists(), "the root stays");
+    }
+
+    #[test]
+    fn completed_keys_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        make_key(&config.checkpoint_dir, "a", &["gen-0000000000001-1"]);
+        make_key(&config.checkpoint_dir, "b", &["gen-0000000000001-1"]);
+        let mark = |key: &str, after: u64| {
+            let c = Completed {
+                namespace: "default".into(),
+                container_id: key.into(),
+                exit_status: 0,
+                exited_at_unix_ms: 1,
+                remove_after_unix_ms: after,
+            };
+            Store::new(&config.checkpoint_dir.join(key)).mark_completed(&c).unwrap();
+        };
+        mark("a", 1);
+        mark("b", now_ms() + 3_600_000);
+        let removed: Vec<_> = expire_completed(&config).unwrap().into_iter().map(|(l, _)| l.key).collect();
+        assert_eq!(removed, ["a"]);
+        assert_eq!(summarize(&find(&config, "b", None).unwrap()[0]).unwrap().status, "completed");
+    }
+}

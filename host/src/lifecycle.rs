@@ -1,0 +1,186 @@
+//! What happens to a container's checkpoints when it ends.
+//!
+//! `archctl watch` learns each exit (containerd's task exit events, or its
+//! reconciliation after a restart) and calls [`settle`]: a job that exited 0
+//! is finished, so its checkpoints are removed (at once, or marked to expire
+//! after `exit_zero_ttl_secs`); a job that was killed or failed keeps them for
+//! its next `create`. An exit whose status can no longer be learned keeps them
+//! too: losing a checkpoint is worse than keeping one too long.
+
+use crate::checkpoint::catalog;
+use crate::checkpoint::key;
+use crate::checkpoint::store::{Completed, Store};
+use crate::config::{Config, OnExitZero};
+use crate::container::{env_value, Exit, Record, Records};
+use crate::metrics::Metrics;
+use anyhow::Context;
+
+pub const ON_EXIT_ZERO_ENV: &str = "ARCH_ON_EXIT_ZERO";
+pub const EXIT_ZERO_TTL_ENV: &str = "ARCH_EXIT_ZERO_TTL";
+
+/// One container's end.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub namespace: String,
+    pub id: String,
+    /// `None`: the container is gone and nobody knows its status.
+    pub status: Option<u32>,
+    pub at_unix_ms: u64,
+    /// `event` or `reconcile`.
+    pub source: &'static str,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// No ARCH record: not an ARCH-enabled container (or already forgotten).
+    NotArch,
+    /// Settled before (an event and a reconciliation may both report it).
+    AlreadySettled,
+    Settled(Exit),
+}
+
+/// The policy for one container: host config, overridden by its env.
+pub fn policy(config: &Config, env: &[(String, String)]) -> (OnExitZero, u64) {
+    let on = match env_value(env, ON_EXIT_ZERO_ENV).map(str::trim) {
+        Some(v) if v.eq_ignore_ascii_case("keep") => OnExitZero::Keep,
+        Some(v) if v.eq_ignore_ascii_case("remove") => OnExitZero::Remove,
+        _ => config.on_exit_zero,
+    };
+    let ttl =
+        env_value(env, EXIT_ZERO_TTL_ENV).and_then(|v| parse_duration(v).ok()).unwrap_or(config.exit_zero_ttl_secs);
+    (on, ttl)
+}
+
+/// `90`, `90s`, `15m`, `12h`, `7d` → seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration (like 90s, 15m, 12h, 7d)"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (s, m, h, d)")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Applies the policy to one exit and records it in the container's record.
+pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
+    let records = Records::new(&config.state_dir);
+    let Some((path, was_ended)) = records.find(&ended.namespace, &ended.id) else { return Ok(Outcome::NotArch) };
+    let Some(mut record) = Records::load(&path)? else { return Ok(Outcome::NotArch) };
+    if record.exit.is_some() {
+        return Ok(Outcome::AlreadySettled);
+    }
+    let action = apply(config, &record, ended)?;
+    let exit = Exit { status: ended.status, at_unix_ms: ended.at_unix_ms, source: ended.source.into(), action };
+    record.exit = Some(exit.clone());
+    store_exit(&records, &path, was_ended, &record)?;
+    let outcome = match ended.status {
+        Some(0) => "success",
+        Some(_) => "failure",
+        None => "unknown",
+    };
+    Metrics::new(config).count("arch_exits_total", &[("outcome", outcome)], 1);
+    tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status = ?ended.status,
+        source = ended.source, action = %exit.action, "container ended");
+    Ok(Outcome::Settled(exit))
+}
+
+/// Writes the settled record back; an ended container's record has done its job and goes.
+fn store_exit(records: &Records, path: &std::path::Path, was_ended: bool, record: &Record) -> anyhow::Result<()> {
+    if was_ended {
+        return Records::remove(path).with_context(|| format!("removing {}", path.display()));
+    }
+    Records::store(path, record).with_context(|| format!("writing {}", path.display()))?;
+    // `delete` may have moved the record away meanwhile: settle that copy too.
+    if !path.exists() {
+        if let Some((ended, true)) = records.find(&record.namespace, &record.id) {
+            Records::remove(&ended)?;
+        }
+    }
+    Ok(())
+}
+
+fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<String> {
+    let (on_exit_zero, ttl) = policy(config, &record.facts.env);
+    if ended.status != Some(0) || on_exit_zero == OnExitZero::Keep {
+        return Ok("kept".into());
+    }
+    let location = match key::locate(config, &record.namespace, &record.id, &record.facts.env) {
+        Ok(l) => l,
+        Err(e) => return Ok(format!("kept: {e}")),
+    };
+    let Ok(found) = catalog::find(config, &location.key, Some(location.mode)) else {
+        return Ok("nothing to remove".into());
+    };
+    let metrics = Metrics::new(config);
+    for location in found {
+        if ttl == 0 {
+            let bytes = catalog::remove_key(&location, &|_| {})
+                .with_context(|| format!("removing the checkpoints of {}", location.key))?;
+            metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero")], 1);
+            tracing::info!(key = %location.key, bytes, "job finished: checkpoints removed");
+        } else {
+            let store = Store::new(&location.dir);
+            let _lock = store.lock()?;
+            store.mark_completed(&Completed {
+                namespace: record.namespace.clone(),
+                container_id: record.id.clone(),
+                exit_status: 0,
+                exited_at_unix_ms: ended.at_unix_ms,
+                remove_after_unix_ms: ended.at_unix_ms.saturating_add(ttl.saturating_mul(1000)),
+            })?;
+        }
+    }
+    Ok(if ttl == 0 { "removed".into() } else { format!("expires in {ttl}s") })
+}
+
+/// Housekeeping between events: finished keys past their TTL go, and so do
+/// the records of deleted containers that have been settled.
+pub fn sweep(config: &Config) -> anyhow::Result<()> {
+    for (location, bytes) in catalog::expire_completed(config)? {
+        Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
+        tracing::info!(key = %location.key, bytes, "finished job's checkpoints expired");
+    }
+    for (path, ended) in Records::new(&config.state_dir).all() {
+        if ended && Records::load(&path).ok().flatten().is_some_and(|r| r.exit.is_some()) {
+            Records::remove(&path)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert_eq!(parse_duration("7d"), Ok(604800));
+        assert!(parse_duration("7w").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn env_overrides_the_host_policy() {
+        let config = Config::default();
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(policy(&config, &env(&[])), (OnExitZero::Remove, 0));
+        assert_eq!(
+            policy(&config, &env(&[("ARCH_ON_EXIT_ZERO", "KEEP"), ("ARCH_EXIT_ZERO_TTL", "1h")])),
+            (OnExitZero::Keep, 3600)
+        );
+        assert_eq!(
+            policy(&config, &env(&[("ARCH_ON_EXIT_ZERO", "bogus"), ("ARCH_EXIT_ZERO_TTL", "x")])),
+            (OnExitZero::Remove, 0)
+        );
+    }
+}
