@@ -128,7 +128,7 @@ fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyh
         return Ok(());
     }
     let store = Store::new(&location.dir);
-    let Some(_lock) = store.try_lock()? else {
+    let Some(lock) = store.try_lock()? else {
         tracing::info!(key = %location.key, "busy: skipped by gc");
         return Ok(());
     };
@@ -138,6 +138,12 @@ fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyh
     for (g, reason) in doomed {
         catalog::remove_generation(g)?;
         metrics.count("arch_checkpoints_removed_total", &[("reason", reason)], 1);
+    }
+    // A key left with nothing goes too (after our lock: remove_key takes it).
+    let empty = store.generations()?.is_empty() && store.quarantined()?.is_empty();
+    drop(lock);
+    if empty && !doomed.is_empty() {
+        catalog::remove_key(location, &|_| {})?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `archctl modules list` and `archctl modules check FILE`.
 
+use super::CtlError;
 use crate::config::Config;
 use crate::modules::{self, Origin, BUILTINS};
 use crate::wasm::Runtime;
@@ -17,7 +18,8 @@ pub enum ModulesCommand {
     },
     /// Checks a module file as arch-runc would before using it as an
     /// override: ownership and mode, then that it compiles and fits the
-    /// handler world. Exit status 0 means it would be used.
+    /// handler world. Exit status 0 means it would be used, 5 refused for its
+    /// ownership or mode, 4 not a usable module, 3 no such file.
     Check { file: PathBuf },
 }
 
@@ -83,14 +85,14 @@ fn compile_and_check(runtime: &Runtime, module: &modules::Module) -> anyhow::Res
     runtime.check(&component)
 }
 
-/// Exit status: 0 usable, 2 refused (ownership/mode), 3 not a usable module.
+/// Exit status: 0 usable, 5 refused (ownership/mode), 4 not a usable module, 3 missing.
 fn check(file: &Path) -> anyhow::Result<i32> {
     let wasm = match modules::read_override(file) {
         Ok(Some(wasm)) => wasm,
-        Ok(None) => anyhow::bail!("{}: no such file", file.display()),
+        Ok(None) => return Err(CtlError::NotFound(format!("{}: no such file", file.display())).into()),
         Err(refusal) => {
             println!("refused: {refusal}");
-            return Ok(2);
+            return Ok(5);
         }
     };
     let module = modules::Module {
@@ -109,7 +111,7 @@ fn check(file: &Path) -> anyhow::Result<i32> {
         }
         Err(e) => {
             println!("unusable: {e:#}");
-            Ok(3)
+            Ok(4)
         }
     }
 }

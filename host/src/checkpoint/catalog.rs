@@ -155,7 +155,8 @@ pub fn summarize(location: &Location) -> std::io::Result<Summary> {
         (_, Some(_)) => "completed",
         (None, _) if !quarantined.is_empty() => "quarantined",
         (None, _) => "empty",
-        (Some(newest), _) if newest.problem.is_none() => "ready",
+        (Some(_), _) if generations.iter().all(|g| g.problem.is_none()) => "ready",
+        // A restore still finds a good one, but something is wrong.
         (Some(_), _) if generations.iter().any(|g| g.problem.is_none()) => "degraded",
         (Some(_), _) => "invalid",
     };
