@@ -2,7 +2,9 @@
 # The README's main job: on a fresh Debian 12 machine (as root), install what
 # is needed, build arch-runc, start a private containerd, run one container
 # without and one with ARCH_ENABLE=1 through arch-runc, then checkpoint a
-# counter, kill and delete it, run it again and watch it continue counting.
+# counter, kill and delete it, run it again and watch it continue counting;
+# then let it finish (exit 0) while `archctl watch` follows containerd, which
+# removes its checkpoints, and show what archctl reports.
 # Everything lives under $ARCH_DEMO_DIR (default /tmp/arch-demo); the machine's
 # own containerd and /etc/arch are not touched.
 set -euo pipefail
@@ -54,9 +56,14 @@ ctr run --rm --runc-binary "$arch_runc" --env ARCH_ENABLE=1 localhost/arch-busyb
 echo "ctr exit code: $?"
 set -e
 
-counter='i=0; [ -f /data/count ] && i=$(cat /data/count); while true; do i=$((i+1)); echo $i > /data/count; sleep 0.2; done'
+counter='i=0; [ -f /data/count ] && i=$(cat /data/count); while [ ! -f /stop ]; do i=$((i+1)); echo $i > /data/count; sleep 0.2; done'
 count() { ctr tasks exec --exec-id "read-$RANDOM" counter cat /data/count; }
 wait_stopped() { for _ in $(seq 50); do ctr tasks ls | grep -q "^counter .*STOPPED" && return; sleep 0.1; done; }
+
+say "archctl watch follows containerd's task exits (the checkpoint lifecycle)"
+"$bin/archctl" watch --containerd "$demo/containerd/containerd.sock" --sweep-secs 1 &
+watch_pid=$!
+trap 'kill $watch_pid 2>/dev/null; bash "$repo/scripts/private-containerd.sh" stop "$demo/containerd"' EXIT
 
 say "a counter with ARCH_ENABLE=1, counting every 0.2 s in its writable layer (/data/count)"
 ctr run -d --runc-binary "$arch_runc" --env ARCH_ENABLE=1 localhost/arch-busybox:latest counter sh -c "$counter"
@@ -79,6 +86,18 @@ sleep 1
 echo "count after the restore: $(count)   (a fresh start would be near 5)"
 sleep 1
 echo "and still counting:      $(count)"
+
+say "archctl list / inspect: the counter's checkpoint"
+"$bin/archctl" list
+"$bin/archctl" inspect "$ns/counter" | sed -n '1,20p'
+say "a kill keeps the checkpoints; the job finishing (exit 0) removes them"
+ctr tasks exec --exec-id "stop-$RANDOM" counter touch /stop
+wait_stopped
+sleep 1.5
+"$bin/archctl" list
+grep -h '"arch::lifecycle"' "$demo/arch-runc.log" | sed 's/^/lifecycle: /'
+say "metrics (archctl metrics, non-zero counters)"
+"$bin/archctl" metrics | grep -v '^#' | grep -v ' 0$' | grep -v '_bucket' || true
 
 say "ARCH's log ($ARCH_CONFIG -> $demo/arch-runc.log): one line per runc call"
 python3 - "$demo/arch-runc.log" <<'PY' 2>/dev/null || cat "$demo/arch-runc.log"

@@ -66,7 +66,7 @@ stop)
   fi
   stop_daemon
   # Snapshots and shm mounts left by killed tasks would keep DIR busy.
-  grep -o " $dir/[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  { grep -o " $dir/[^ ]*" /proc/self/mountinfo || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   ;;
 *)
   echo "usage: $0 start|stop|restart DIR" >&2

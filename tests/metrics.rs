@@ -163,3 +163,39 @@ fn cloudwatch_emf_lines_carry_the_same_figures() {
     let counters = inst.counters();
     assert_eq!(counters.get("arch_handled_total{command=\"create\"}"), Some(&1));
 }
+
+/// The Grafana dashboard asks only for metrics ARCH writes, in valid PromQL
+/// (checked by promtool as recording rules, Grafana's `$__rate_interval` as 5m).
+#[test]
+fn grafana_dashboard_queries_are_valid_promql_over_arch_metrics() {
+    let have_promtool = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !require(have_promtool, "promtool (scripts/setup.sh)") {
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(exprs.len() >= 10);
+    let known: Vec<&str> = arch::metrics::FAMILIES.iter().map(|(name, _, _)| *name).collect();
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("arch_")) {
+            let family = word.trim_end_matches("_bucket");
+            assert!(known.contains(&family), "{family} in {expr:?} is not a metric ARCH writes");
+        }
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let expr = expr.replace("$__rate_interval", "5m").replace('\'', "''");
+        rules.push_str(&format!("      - record: arch:dashboard_{i}\n        expr: '{expr}'\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new("promtool").args(["check", "rules"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

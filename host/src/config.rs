@@ -1,13 +1,13 @@
 //! Host settings: a JSON file named by `$ARCH_CONFIG` (default
 //! `/etc/arch/config.json`). Every key is optional; the README lists them.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/arch/config.json";
 
 /// Where checkpoints are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// A local disk (`checkpoint_dir`).
@@ -16,7 +16,7 @@ pub enum Mode {
     NetworkFs,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     /// The real runc. Unset: `/usr/sbin/runc`, then `/usr/bin/runc`.
@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// The fate of a finished job's checkpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnExitZero {
     Remove,

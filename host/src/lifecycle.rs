@@ -84,7 +84,8 @@ pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
         None => "unknown",
     };
     Metrics::new(config).count("arch_exits_total", &[("outcome", outcome)], 1);
-    tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status = ?ended.status,
+    let status = ended.status.map_or("unknown".to_owned(), |s| s.to_string());
+    tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status,
         source = ended.source, action = %exit.action, "container ended");
     Ok(Outcome::Settled(exit))
 }
@@ -122,7 +123,7 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
             let bytes = catalog::remove_key(&location, &|_| {})
                 .with_context(|| format!("removing the checkpoints of {}", location.key))?;
             metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero")], 1);
-            tracing::info!(key = %location.key, bytes, "job finished: checkpoints removed");
+            tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "job finished: checkpoints removed");
         } else {
             let store = Store::new(&location.dir);
             let _lock = store.lock()?;
@@ -143,7 +144,7 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
 pub fn sweep(config: &Config) -> anyhow::Result<()> {
     for (location, bytes) in catalog::expire_completed(config)? {
         Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
-        tracing::info!(key = %location.key, bytes, "finished job's checkpoints expired");
+        tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "finished job's checkpoints expired");
     }
     for (path, ended) in Records::new(&config.state_dir).all() {
         if ended && Records::load(&path).ok().flatten().is_some_and(|r| r.exit.is_some()) {
