@@ -52,6 +52,13 @@ fn twenty_concurrent_invocations_count_exactly_twenty() {
     }
 }
 
+/// Runs `command` with `input` on its stdin.
+fn pipe(command: &mut Command, input: &str) -> std::process::Output {
+    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Parses Prometheus text with the Prometheus project's Python client parser;
 /// prints `name labels value` per sample.
 const PARSE: &str = r#"
@@ -86,15 +93,7 @@ fn archctl_metrics_parses_with_prometheus_parsers() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
 
-    let mut python = Command::new("/usr/bin/python3")
-        .args(["-c", PARSE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(python.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
-    let parsed = python.wait_with_output().unwrap();
+    let parsed = pipe(Command::new("/usr/bin/python3").args(["-c", PARSE]), &text);
     assert!(parsed.status.success(), "{}\n{text}", String::from_utf8_lossy(&parsed.stderr));
     let samples = String::from_utf8(parsed.stdout).unwrap();
     for line in [
@@ -110,15 +109,7 @@ fn archctl_metrics_parses_with_prometheus_parsers() {
         assert!(samples.lines().any(|l| l == line), "missing {line:?} in\n{samples}");
     }
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
-    let lint = promtool.wait_with_output().unwrap();
+    let lint = pipe(Command::new("promtool").args(["check", "metrics"]), &text);
     assert!(
         lint.status.success(),
         "promtool: {}{}\n{text}",

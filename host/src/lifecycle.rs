@@ -146,17 +146,62 @@ pub fn sweep(config: &Config) -> anyhow::Result<()> {
         Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
         tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "finished job's checkpoints expired");
     }
+    forget_ended(config, None)?;
+    Ok(())
+}
+
+/// Drops the records of deleted containers once their exit is settled, and,
+/// with `unsettled_after` (seconds), also those nobody settled in that time
+/// (no `archctl watch` runs, e.g. under Podman). Returns how many went.
+pub fn forget_ended(config: &Config, unsettled_after: Option<u64>) -> std::io::Result<usize> {
+    let mut forgotten = 0;
     for (path, ended) in Records::new(&config.state_dir).all() {
-        if ended && Records::load(&path).ok().flatten().is_some_and(|r| r.exit.is_some()) {
+        if !ended {
+            continue;
+        }
+        let settled = Records::load(&path).ok().flatten().is_some_and(|r| r.exit.is_some());
+        let age = std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        let stale = unsettled_after.zip(age).is_some_and(|(limit, age)| age.as_secs() >= limit);
+        if settled || stale {
             Records::remove(&path)?;
+            forgotten += 1;
         }
     }
-    Ok(())
+    Ok(forgotten)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_records_go_once_settled_or_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { state_dir: dir.path().to_path_buf(), ..Default::default() };
+        let records = Records::new(dir.path());
+        let store = |id: &str, exit: Option<Exit>| {
+            let path = records.path(None, id).unwrap();
+            let record = Record {
+                namespace: "default".into(),
+                id: id.into(),
+                bundle: "/b".into(),
+                facts: Default::default(),
+                notes: Default::default(),
+                runc_root: None,
+                exit,
+            };
+            Records::store(&path, &record).unwrap();
+            Records::forget(&path).unwrap();
+        };
+        let exit = Exit { status: Some(1), at_unix_ms: 1, source: "event".into(), action: "kept".into() };
+        store("settled", Some(exit));
+        store("unsettled", None);
+        assert_eq!(forget_ended(&config, None).unwrap(), 1);
+        assert_eq!(records.find("default", "unsettled").map(|(_, ended)| ended), Some(true));
+        assert_eq!(forget_ended(&config, Some(3600)).unwrap(), 0, "not old enough");
+        assert_eq!(forget_ended(&config, Some(0)).unwrap(), 1);
+        assert!(records.all().is_empty());
+    }
 
     #[test]
     fn durations() {

@@ -2,8 +2,9 @@
 //!
 //! Always: finished jobs' checkpoints past their TTL, attempts abandoned by
 //! checkpoints that died, and settled records of deleted containers. On
-//! request: generations older than `--ttl`, all but the newest `--keep` per
-//! key, and quarantined generations. Keys busy with a checkpoint or restore
+//! request: generations older than `--ttl` (and records of deleted containers
+//! nobody settled in that time), all but the newest `--keep` per key, and
+//! quarantined generations. Keys busy with a checkpoint or restore
 //! are skipped, never waited for.
 
 use super::output;
@@ -11,7 +12,6 @@ use crate::checkpoint::catalog::{self, GenerationInfo};
 use crate::checkpoint::key::Location;
 use crate::checkpoint::store::Store;
 use crate::config::Config;
-use crate::container::Records;
 use crate::lifecycle::parse_duration;
 use crate::metrics::Metrics;
 use anyhow::Context;
@@ -92,11 +92,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        for (path, ended) in Records::new(&config.state_dir).all() {
-            if ended && Records::load(&path).ok().flatten().is_some_and(|r| r.exit.is_some()) {
-                Records::remove(&path)?;
-            }
-        }
+        crate::lifecycle::forget_ended(config, args.ttl)?;
     }
     if args.json {
         output::print_json(&removals)?;

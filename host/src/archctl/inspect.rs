@@ -3,23 +3,21 @@
 //! Exits 4 when a published generation's metadata is unreadable or does not
 //! match its files (it would be quarantined at the next restore).
 
-use super::{output, CtlError, ModeArg};
+use super::{output, CtlError, KeyArgs};
 use crate::checkpoint::catalog::{self, GenerationInfo, Summary};
 use crate::config::Config;
 use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    key: String,
-    /// Only the key in this root.
-    #[arg(long, value_enum)]
-    mode: Option<ModeArg>,
+    #[command(flatten)]
+    target: KeyArgs,
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
-    let locations = catalog::find(config, &args.key, args.mode.map(Into::into)).map_err(CtlError::from)?;
+    let locations = args.target.locate(config)?;
     let mut summaries = Vec::new();
     for location in &locations {
         summaries.push(catalog::summarize(location).with_context(|| format!("reading key {}", location.key))?);
@@ -36,7 +34,9 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
         .flat_map(|s| s.generations.iter().filter_map(|g| Some(format!("{}: {}", g.name, g.problem.as_ref()?))))
         .collect();
     if !broken.is_empty() {
-        return Err(CtlError::Invalid(format!("{}: corrupt generation(s): {}", args.key, broken.join("; "))).into());
+        return Err(
+            CtlError::Invalid(format!("{}: corrupt generation(s): {}", args.target.key, broken.join("; "))).into()
+        );
     }
     Ok(0)
 }

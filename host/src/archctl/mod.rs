@@ -52,6 +52,23 @@ pub enum Command {
     },
 }
 
+/// A checkpoint key on the command line, optionally narrowed to one root.
+#[derive(Debug, clap::Args)]
+pub struct KeyArgs {
+    /// The key, as `archctl list` shows it (e.g. default/counter).
+    pub key: String,
+    /// Only the key in this root (both when unset).
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+}
+
+impl KeyArgs {
+    /// The roots holding the key: exit 3 if none, 2 if the key is malformed.
+    pub fn locate(&self, config: &Config) -> Result<Vec<crate::checkpoint::key::Location>, CtlError> {
+        crate::checkpoint::catalog::find(config, &self.key, self.mode.map(Into::into)).map_err(CtlError::from)
+    }
+}
+
 /// Which root a key is looked up in (both when unset).
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {

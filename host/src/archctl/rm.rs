@@ -1,7 +1,7 @@
 //! `archctl rm KEY`: removes every generation of a key (under its lock, so
 //! never in the middle of a checkpoint or restore).
 
-use super::{output, CtlError, ModeArg};
+use super::{output, KeyArgs};
 use crate::checkpoint::{catalog, store::Store};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -9,15 +9,14 @@ use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    key: String,
-    #[arg(long, value_enum)]
-    mode: Option<ModeArg>,
+    #[command(flatten)]
+    target: KeyArgs,
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
-    let locations = catalog::find(config, &args.key, args.mode.map(Into::into)).map_err(CtlError::from)?;
+    let locations = args.target.locate(config)?;
     let mut removed = Vec::new();
     for location in &locations {
         let store = Store::new(&location.dir);
