@@ -8,16 +8,8 @@ use crate::checkpoint::catalog::{self, GenerationInfo, Summary};
 use crate::config::Config;
 use anyhow::Context;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(flatten)]
-    target: KeyArgs,
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
-    let locations = args.target.locate(config)?;
+pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
+    let locations = args.locate(config)?;
     let mut summaries = Vec::new();
     for location in &locations {
         summaries.push(catalog::summarize(location).with_context(|| format!("reading key {}", location.key))?);
@@ -34,9 +26,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
         .flat_map(|s| s.generations.iter().filter_map(|g| Some(format!("{}: {}", g.name, g.problem.as_ref()?))))
         .collect();
     if !broken.is_empty() {
-        return Err(
-            CtlError::Invalid(format!("{}: corrupt generation(s): {}", args.target.key, broken.join("; "))).into()
-        );
+        return Err(CtlError::Invalid(format!("{}: corrupt generation(s): {}", args.key, broken.join("; "))).into());
     }
     Ok(0)
 }

@@ -31,11 +31,11 @@ pub enum Command {
     /// Checkpoint keys under the configured roots: generations, size, age, status.
     List(list::Args),
     /// One key in detail: every generation's metadata, phases and validation.
-    Inspect(inspect::Args),
+    Inspect(KeyArgs),
     /// Reads every archive of a key's (or every key's) generations through.
     Validate(validate::Args),
     /// Removes a key's checkpoints.
-    Rm(rm::Args),
+    Rm(KeyArgs),
     /// Removes what is no longer needed: expired, old, quarantined, abandoned.
     Gc(gc::Args),
     /// ARCH's counters and durations, as Prometheus text or JSON.
@@ -52,7 +52,7 @@ pub enum Command {
     },
 }
 
-/// A checkpoint key on the command line, optionally narrowed to one root.
+/// The arguments of a command on one checkpoint key (`inspect`, `rm`).
 #[derive(Debug, clap::Args)]
 pub struct KeyArgs {
     /// The key, as `archctl list` shows it (e.g. default/counter).
@@ -60,6 +60,8 @@ pub struct KeyArgs {
     /// Only the key in this root (both when unset).
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl KeyArgs {

@@ -7,16 +7,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use anyhow::Context;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(flatten)]
-    target: KeyArgs,
-    #[arg(long)]
-    json: bool,
-}
-
-pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
-    let locations = args.target.locate(config)?;
+pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
+    let locations = args.locate(config)?;
     let mut removed = Vec::new();
     for location in &locations {
         let store = Store::new(&location.dir);
