@@ -108,7 +108,16 @@ fn every_command_on_real_checkpoints() {
     assert!(newest["problem"].is_null());
 
     // validate: all good, then an archive corrupted in place (same size).
-    assert!(archctl(inst, &["validate", &key]).status.success());
+    let quiet = archctl(inst, &["validate", &key]);
+    assert!(quiet.status.success());
+    assert!(stderr(&quiet).is_empty(), "no progress bar without a terminal: {}", stderr(&quiet));
+    let tty = std::process::Command::new("script")
+        .args(["-q", "-c", &format!("{} validate --all", env!("CARGO_BIN_EXE_archctl")), "/dev/null"])
+        .env("ARCH_CONFIG", &inst.config)
+        .output()
+        .unwrap();
+    let screen = stdout(&tty);
+    assert!(screen.contains("] 1/2 validating "), "a progress bar on a terminal: {screen:?}");
     let checked = json(&archctl(inst, &["validate", "--all", "--json"]));
     assert_eq!(checked.as_array().unwrap().len(), 2);
     let gens = generations(&key_dir);

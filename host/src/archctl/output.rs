@@ -58,7 +58,7 @@ pub fn age(unix_ms: Option<u64>) -> String {
 /// A progress bar on stderr, drawn only when stderr is a terminal.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
-    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {wide_msg:.dim}")
+    let style = indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {wide_msg}")
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
     bar.set_style(style);
