@@ -191,4 +191,11 @@ fn every_command_on_real_checkpoints() {
     assert!(!key_dir.exists());
     assert_eq!(json(&archctl(inst, &["list", "--json"])), serde_json::json!([]));
     assert_eq!(archctl(inst, &["inspect", &key]).status.code(), Some(3));
+
+    // gc --ttl: nothing is a day old; everything is at least 0 s old, and the emptied key goes.
+    checkpoint(&ctd, "counter", false, &key_dir);
+    assert!(stdout(&archctl(inst, &["gc", "--ttl", "1d"])).contains("removed 0 item(s)"));
+    let aged = json(&archctl(inst, &["gc", "--ttl", "0s", "--json"]));
+    assert_eq!(aged[0]["reason"], "ttl");
+    assert!(!key_dir.exists(), "a key left empty by gc goes");
 }
