@@ -231,6 +231,18 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
+/// Opens (creating if needed) `path` and takes a `flock` on it (`how`:
+/// `LOCK_EX` or `LOCK_SH`, optionally `| LOCK_NB`), held until the file is closed.
+pub fn lock_file(path: &Path, how: libc::c_int) -> std::io::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    // SAFETY: flock on a valid, open fd.
+    if unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// A new file (truncated if present) with mode 0600.
 pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -15,7 +15,6 @@ use crate::modules::{self, Origin};
 use crate::runc;
 use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
 use std::ffi::OsString;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -320,11 +319,5 @@ fn absolute(path: &Path) -> PathBuf {
 /// Serializes ARCH's handling of one container: an exclusive `flock` on a
 /// file beside its record, held until exit (or until exec closes it).
 fn lock(record_path: &Path) -> std::io::Result<std::fs::File> {
-    let path = record_path.with_extension("lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-    // SAFETY: flock on a valid, open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
+    container::lock_file(&record_path.with_extension("lock"), libc::LOCK_EX)
 }

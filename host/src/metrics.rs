@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
 
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Upper bounds (seconds) of the duration histograms' buckets.
@@ -289,16 +288,10 @@ impl Metrics {
 
     fn lock(&self, how: libc::c_int) -> std::io::Result<std::fs::File> {
         let path = self.dir.join("lock");
-        let open = || std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path);
-        let file = open().or_else(|_| {
+        crate::container::lock_file(&path, how).or_else(|_| {
             create_private_dir(&self.dir)?;
-            open()
-        })?;
-        // SAFETY: flock on a valid, open fd.
-        if unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(file)
+            crate::container::lock_file(&path, how)
+        })
     }
 
     fn append(&self, lines: &str) -> std::io::Result<()> {

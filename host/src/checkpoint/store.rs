@@ -14,7 +14,7 @@
 //! a nested key.
 
 use super::metadata::Metadata;
-use crate::container::create_private_dir;
+use crate::container::{create_private_dir, lock_file};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -98,23 +98,16 @@ impl Store {
     /// Takes the key's lock (blocking) for as long as the file lives.
     pub fn lock(&self) -> std::io::Result<std::fs::File> {
         create_private_dir(&self.arch)?;
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.arch.join("lock"))?;
-        // SAFETY: flock on a valid, open fd.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(file)
+        lock_file(&self.arch.join("lock"), libc::LOCK_EX)
     }
 
     /// The key's lock if nobody holds it now (for housekeeping that must not wait).
     pub fn try_lock(&self) -> std::io::Result<Option<std::fs::File>> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.arch.join("lock"))?;
-        // SAFETY: flock on a valid, open fd.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        match lock_file(&self.arch.join("lock"), libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(Some(file))
     }
 
     /// Published generations, newest first.
