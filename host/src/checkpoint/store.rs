@@ -69,20 +69,13 @@ impl Store {
 
     /// Quarantined generations, newest first, with the reason each failed.
     pub fn quarantined(&self) -> std::io::Result<Vec<(Generation, String)>> {
-        let mut found = Vec::new();
-        let entries = match std::fs::read_dir(self.arch.join("quarantine")) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let dir = entry.path();
-            let reason = std::fs::read_to_string(dir.join("quarantine-reason.txt")).unwrap_or_default();
-            found.push((Generation { name: entry.file_name().to_string_lossy().into_owned(), dir }, reason));
-        }
-        found.sort_by(|a, b| b.0.name.cmp(&a.0.name));
-        Ok(found)
+        Ok(list(&self.arch.join("quarantine"))?
+            .into_iter()
+            .map(|g| {
+                let reason = std::fs::read_to_string(g.dir.join("quarantine-reason.txt")).unwrap_or_default();
+                (g, reason)
+            })
+            .collect())
     }
 
     /// Attempts left behind by checkpoints that died (none while the lock is held by a live one).
@@ -112,20 +105,7 @@ impl Store {
 
     /// Published generations, newest first.
     pub fn generations(&self) -> std::io::Result<Vec<Generation>> {
-        let mut gens = Vec::new();
-        let entries = match std::fs::read_dir(self.generations_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(gens),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with("gen-")) {
-                gens.push(Generation { name: name.to_owned(), dir: entry.path() });
-            }
-        }
-        gens.sort_by(|a, b| b.name.cmp(&a.name));
-        Ok(gens)
+        list(&self.generations_dir())
     }
 
     pub fn generation(&self, name: &str) -> Option<Generation> {
@@ -189,6 +169,24 @@ impl Store {
         let bytes = std::fs::read(gen.dir.join("metadata.json")).map_err(|e| format!("metadata.json: {e}"))?;
         serde_json::from_slice(&bytes).map_err(|e| format!("metadata.json: {e}"))
     }
+}
+
+/// The generations (`gen-*` directories) in `dir`, newest first; none if it does not exist.
+fn list(dir: &Path) -> std::io::Result<Vec<Generation>> {
+    let mut gens = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(gens),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with("gen-")) {
+            gens.push(Generation { name: name.to_owned(), dir: entry.path() });
+        }
+    }
+    gens.sort_by(|a, b| b.name.cmp(&a.name));
+    Ok(gens)
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
