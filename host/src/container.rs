@@ -149,13 +149,8 @@ impl Records {
 
     /// Writes the record atomically (temp file + rename), readable by root only.
     pub fn store(path: &Path, record: &Record) -> std::io::Result<()> {
-        let dir = path.parent().expect("record path has a parent");
-        create_private_dir(dir)?;
-        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
-        let mut f = private_file(&tmp)?;
-        f.write_all(&serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        create_private_dir(path.parent().expect("record path has a parent"))?;
+        replace_json(path, record)
     }
 
     pub fn remove(path: &Path) -> std::io::Result<()> {
@@ -241,6 +236,31 @@ pub fn lock_file(path: &Path, how: libc::c_int) -> std::io::Result<std::fs::File
         return Err(std::io::Error::last_os_error());
     }
     Ok(file)
+}
+
+/// Replaces `path` with `value` as JSON, atomically (a 0600 temp file
+/// beside it, then `rename`): readers see the old file or the new one.
+pub fn replace_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    replace_json_with(path, value, false)
+}
+
+/// As [`replace_json`], with the new content on disk before the rename, for
+/// files whose loss after a crash would lose data (the metrics snapshot).
+pub fn replace_json_durably(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    replace_json_with(path, value, true)
+}
+
+fn replace_json_with(path: &Path, value: &impl Serialize, durable: bool) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = private_file(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    if durable {
+        f.sync_all()?;
+    }
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// A new file (truncated if present) with mode 0600.

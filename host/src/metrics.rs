@@ -323,7 +323,10 @@ impl Metrics {
         // First the snapshot that says the whole current file is folded in,
         // then a new event file: a crash between the two loses nothing.
         let folded = events.identity.map(|(dev, ino)| (dev, ino, events.len));
-        write_atomically(&self.dir.join("snapshot.json"), &Stored { totals: totals.clone(), folded })?;
+        crate::container::replace_json_durably(
+            &self.dir.join("snapshot.json"),
+            &Stored { totals: totals.clone(), folded },
+        )?;
         let fresh = self.dir.join(format!("events.new{}", std::process::id()));
         crate::container::private_file(&fresh)?;
         std::fs::rename(&fresh, self.dir.join("events"))?;
@@ -378,14 +381,6 @@ pub type Figure<'a> = (&'a str, Labels<'a>, Value);
 pub enum Value {
     Count(u64),
     Seconds(f64),
-}
-
-fn write_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = crate::container::private_file(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 impl Emf {

@@ -260,7 +260,7 @@ pub fn expire_completed(config: &Config) -> std::io::Result<Vec<(Location, u64)>
     let mut removed = Vec::new();
     for location in keys(config)? {
         let store = Store::new(&location.dir);
-        if store.completed().is_some_and(|c| c.remove_after_unix_ms <= now) {
+        if store.completed().is_some_and(|c| c.expired(now)) {
             let bytes = remove_key(&location, &|_| {})?;
             removed.push((location, bytes));
         }

@@ -464,8 +464,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         phases.insert("restore".to_owned(), ms(started));
         phases.insert("total".to_owned(), ms(restore_started));
         record_phases(req.target.config, "restore", &phases);
-    }
-    if status != 0 {
+    } else {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();
         tracing::warn!(id = req.target.id, generation = name, restore_log = ?tail, "restore failed");

@@ -33,6 +33,13 @@ pub struct Completed {
     pub remove_after_unix_ms: u64,
 }
 
+impl Completed {
+    /// Whether its TTL has passed at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.remove_after_unix_ms <= now_ms
+    }
+}
+
 /// A published generation, by name (sortable: newer names sort later).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generation {
@@ -62,9 +69,7 @@ impl Store {
     /// Marks the key's job as finished (the caller holds the lock).
     pub fn mark_completed(&self, completed: &Completed) -> std::io::Result<()> {
         create_private_dir(&self.arch)?;
-        let tmp = self.arch.join(format!("completed.json.tmp{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec(completed).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, self.arch.join("completed.json"))
+        crate::container::replace_json(&self.arch.join("completed.json"), completed)
     }
 
     /// Quarantined generations, newest first, with the reason each failed.
