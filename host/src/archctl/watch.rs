@@ -62,7 +62,9 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut sweep = tokio::time::interval(Duration::from_secs(args.sweep_secs.max(1)));
+    // Each (re)connect's reconciliation sweeps too: the first tick waits a period.
+    let period = Duration::from_secs(args.sweep_secs.max(1));
+    let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut backoff = Duration::from_millis(250);
     loop {
         match follow(config, &address, args.once, &mut sweep, &mut term, &mut int).await {
