@@ -62,11 +62,7 @@ fn key_dir(ctd: &Containerd, id: &str) -> PathBuf {
 
 /// Starts the job with `env`, and checkpoints it once (leave-running).
 fn job_with_checkpoint(ctd: &Containerd, id: &str, env: &[&str]) -> PathBuf {
-    let mut env = env.to_vec();
-    env.push("ARCH_ENABLE=1");
-    let out = ctd.run(id, &env, true, &["sh", "-c", JOB]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    ctd.wait_status(id, "RUNNING");
+    start_armed(ctd, id, env, JOB);
     let dir = key_dir(ctd, id);
     checkpoint(ctd, id, false, &dir);
     dir

@@ -167,12 +167,17 @@ pub fn exec(ctd: &Containerd, id: &str, script: &str) -> String {
 }
 
 pub fn start_counter(ctd: &Containerd, id: &str, env: &[&str]) {
+    start_armed(ctd, id, env, COUNTER);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+}
+
+/// Runs `script` detached with `ARCH_ENABLE=1` (and `env`) until it is RUNNING.
+pub fn start_armed(ctd: &Containerd, id: &str, env: &[&str], script: &str) {
     let mut env = env.to_vec();
     env.push("ARCH_ENABLE=1");
-    let out = ctd.run(id, &env, true, &["sh", "-c", COUNTER]);
+    let out = ctd.run(id, &env, true, &["sh", "-c", script]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     ctd.wait_status(id, "RUNNING");
-    std::thread::sleep(std::time::Duration::from_millis(700));
 }
 
 /// `ctr task checkpoint`: pause, checkpoint (--leave-running unless `exit`), resume.
