@@ -11,7 +11,7 @@ cd "$repo"
 step() { printf '\n== %s\n' "$*"; }
 
 step "setup"
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 step "rustfmt"
 cargo fmt --all --check
 step "clippy (host)"
@@ -23,6 +23,8 @@ cargo clippy --release --target wasm32-wasip2 --quiet \
   -- -D warnings
 step "tests"
 cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
+step "fresh Debian 12 roots: setup.sh in both apt layouts, the Debian package installed"
+bash scripts/test-fresh-root.sh 2>&1 | tee target/fresh-root-output.txt
 step "benchmark smoke run (figures: docs/performance.md, scripts/bench.sh)"
 bash scripts/bench.sh --quick
 python3 - <<'PY' 2>/dev/null || true
@@ -30,5 +32,7 @@ import re
 text = open("target/test-output.txt").read()
 p = sum(int(x) for x in re.findall(r"test result: \w+\. (\d+) passed", text))
 f = sum(int(x) for x in re.findall(r"; (\d+) failed", text))
+fresh = re.search(r"^fresh-root: (\d+) passed, (\d+) failed", open("target/fresh-root-output.txt").read(), re.M)
+p, f = p + int(fresh[1]), f + int(fresh[2])
 print(f"\ntests: {p} passed, {f} failed")
 PY
