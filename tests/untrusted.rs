@@ -73,11 +73,11 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
                 })
             }),
         ),
+        ("dump.log linked to a host file", Box::new(|d: &Path| replace_with_symlink(&d.join("dump.log"), &secret))),
         (
-            "dump.log linked to a host file",
-            Box::new(|d: &Path| replace_with_symlink(&d.join("dump.log"), &secret)),
+            "dump.log linked to /dev/zero",
+            Box::new(|d: &Path| replace_with_symlink(&d.join("dump.log"), Path::new("/dev/zero"))),
         ),
-        ("dump.log linked to /dev/zero", Box::new(|d: &Path| replace_with_symlink(&d.join("dump.log"), Path::new("/dev/zero")))),
         (
             "dump.log a FIFO",
             Box::new(|d: &Path| {
@@ -108,7 +108,9 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
 
     for (i, (what, mutate)) in cases.into_iter().enumerate() {
         let name = format!("gen-9999999999999-{i}");
-        plant(&key_dir, &real, &name, mutate);
+        let dir = plant(&key_dir, &real, &name, mutate);
+        // Where an older ARCH wrote the reason, inside the generation: a link to a host file.
+        std::os::unix::fs::symlink(&victim, dir.join("quarantine-reason.txt")).unwrap();
         // Where ARCH will write the reason, a link to a host file waits.
         let quarantine = key_dir.join(".arch/quarantine");
         std::fs::create_dir_all(&quarantine).unwrap();
@@ -117,7 +119,11 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
         let started = std::time::Instant::now();
         start_counter(&ctd, "job", &env);
         assert!(started.elapsed().as_secs() < 60, "{what}: create never hangs");
-        assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(real.as_str()), "{what}: resumed from the real one");
+        assert_eq!(
+            restored_from(&ctd.inst, "job").as_deref(),
+            Some(real.as_str()),
+            "{what}: resumed from the real one"
+        );
         assert!(quarantine.join(&name).is_dir(), "{what}: set aside by renaming its directory");
         let reason = quarantine.join(format!("{name}.reason"));
         assert!(
@@ -125,7 +131,11 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
             "{what}: the reason is a new file of ARCH's, not written through the planted link"
         );
         assert!(!victim.exists(), "{what}: nothing written outside the root");
-        assert_eq!(exec(&ctd, "job", "ls /bin/busybox /etc/passwd | wc -l").trim(), "2", "{what}: the image's files intact");
+        assert_eq!(
+            exec(&ctd, "job", "ls /bin/busybox /etc/passwd | wc -l").trim(),
+            "2",
+            "{what}: the image's files intact"
+        );
         remove(&ctd, "job");
     }
     assert!(!evil_bundle.exists());
