@@ -81,6 +81,8 @@ pub struct Metadata {
     /// Size of `rootfs-diff.tar.zst`; none if the container had no overlay upperdir.
     pub rootfs_archive_bytes: Option<u64>,
     pub rootfs_files: u64,
+    /// Bytes of file content in the layer: with `rootfs_files`, the bound on unpacking it.
+    pub rootfs_bytes: u64,
     pub runc_version: String,
     pub criu_version: String,
     pub kernel: String,

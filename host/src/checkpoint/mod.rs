@@ -220,16 +220,17 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
                 let _ = std::fs::remove_file(&staged);
                 compressed.map_err(|e| incomplete("copying the rootfs", &e))?
             };
-            Some((bytes, survey.manifest))
+            Some((bytes, survey.manifest, survey.bytes))
         }
     };
     if upper.is_none() && req.leave_running {
         resume_after_freeze(req, paused_by_us, name);
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
-    if let Some((bytes, manifest)) = captured {
+    if let Some((bytes, manifest, content)) = captured {
         meta.rootfs_archive_bytes = Some(bytes);
         meta.rootfs_files = manifest.files;
+        meta.rootfs_bytes = content;
     }
     meta.phases_ms.insert("rootfs".into(), ms(started));
 
@@ -375,20 +376,52 @@ fn pack(dir: &Path, archive: std::fs::File) -> anyhow::Result<u64> {
     Ok(written.metadata()?.len())
 }
 
-/// `zstd -dc archive | tar -C dir -x`.
-fn unpack(archive: std::fs::File, dir: &Path) -> anyhow::Result<()> {
+/// CRIU writes a few dozen image files; anything near this was not CRIU.
+const MAX_IMAGE_FILES: u64 = 100_000;
+
+/// `zstd -dc archive | tar -x` into `dir`, in process: only regular files
+/// with plain names (CRIU's images; never a link, a device or a path), at
+/// most `bytes` of content in all, and only if the disk has room for them.
+fn unpack(archive: std::fs::File, dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
     crate::container::create_private_dir(dir)?;
+    untrusted::ensure_room(dir, bytes)?;
     let mut zstd = rootfs::zstd_from(archive)?;
-    let tar =
-        Command::new("tar").arg("-C").arg(dir).args(["-xf", "-"]).stdin(zstd.stdout.take().expect("piped")).output()?;
-    rootfs::finish_zstd(zstd)?;
-    anyhow::ensure!(
-        tar.status.success(),
-        "untar into {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&tar.stderr).trim()
-    );
-    Ok(())
+    let stream =
+        untrusted::Capped::new(zstd.stdout.take().expect("piped"), untrusted::tar_bound(bytes, MAX_IMAGE_FILES));
+    let result = (|| -> anyhow::Result<()> {
+        let mut tar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
+        let mut content = 0u64;
+        for entry in tar.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            let kind = entry.header().entry_type();
+            let name = match path
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect::<Vec<_>>()[..]
+            {
+                [] if kind.is_dir() => continue,
+                [std::path::Component::Normal(name)] if kind.is_file() => name.to_owned(),
+                _ => anyhow::bail!("images archive: {path:?} is not a plain image file"),
+            };
+            content = content.saturating_add(entry.size());
+            anyhow::ensure!(content <= bytes, "images archive holds more than the {bytes} bytes recorded");
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(&name))
+                .with_context(|| format!("{}", dir.join(&name).display()))?;
+            std::io::copy(&mut entry, &mut out)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = zstd.kill();
+    }
+    let zstd_result = rootfs::finish_zstd(zstd);
+    result?;
+    zstd_result
 }
 
 /// The newest published generations of a location, newest first.
@@ -464,7 +497,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
             let started = Instant::now();
             let images = staging.join("images");
             let (archive, _) = gen.pinned().open("images.tar.zst").map_err(|e| e.to_string())?;
-            unpack(archive, &images).map_err(|e| format!("{e:#}"))?;
+            unpack(archive, &images, meta.images_bytes).map_err(|e| format!("{e:#}"))?;
             phases.insert("unpack".to_owned(), ms(started));
             images
         }
@@ -480,7 +513,9 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
     if meta.rootfs_archive_bytes.is_some() {
         let started = Instant::now();
-        rootfs::apply(gen.pinned(), &req.target.bundle.join("rootfs"), &staging).map_err(|e| format!("{e:#}"))?;
+        let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
+        rootfs::apply(gen.pinned(), &req.target.bundle.join("rootfs"), &staging, meta.rootfs_bytes, limit)
+            .map_err(|e| format!("{e:#}"))?;
         tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
         phases.insert("rootfs".to_owned(), ms(started));
     }

@@ -246,7 +246,10 @@ pub fn compress(staged: &Path, dir: &Pinned) -> anyhow::Result<u64> {
 /// `rootfs` (the new container's merged view), via the chrooted helper.
 /// The diff list is read without following links, every path in it checked
 /// before anything changes, and handed to the helper as a private copy in `scratch`.
-pub fn apply(dir: &Pinned, rootfs: &Path, scratch: &Path) -> anyhow::Result<()> {
+/// `content` is the layer's recorded file bytes (the disk must have room for
+/// them) and `limit` the most its tar stream may hold: more is refused.
+pub fn apply(dir: &Pinned, rootfs: &Path, scratch: &Path, content: u64, limit: u64) -> anyhow::Result<()> {
+    super::untrusted::ensure_room(rootfs, content)?;
     let manifest = Manifest::parse(&dir.read(MANIFEST, MAX_MANIFEST_BYTES)?)?;
     crate::container::create_private_dir(scratch)?;
     let checked = scratch.join(MANIFEST);
@@ -257,6 +260,7 @@ pub fn apply(dir: &Pinned, rootfs: &Path, scratch: &Path) -> anyhow::Result<()> 
         .arg0(HELPER_ARGV0)
         .arg(rootfs)
         .arg(&checked)
+        .arg(limit.to_string())
         .stdin(zstd.stdout.take().expect("piped"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -286,7 +290,8 @@ pub fn helper_main(args: &[std::ffi::OsString]) -> i32 {
 }
 
 fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
-    let [_, rootfs, manifest] = args else { anyhow::bail!("usage: {HELPER_ARGV0} ROOTFS MANIFEST") };
+    let [_, rootfs, manifest, limit] = args else { anyhow::bail!("usage: {HELPER_ARGV0} ROOTFS MANIFEST LIMIT") };
+    let limit: u64 = limit.to_str().and_then(|l| l.parse().ok()).context("LIMIT is a number of bytes")?;
     // Every path is checked here, before the first change.
     let manifest = Manifest::parse(&std::fs::read(manifest)?)?;
     std::os::unix::fs::chroot(rootfs)?;
@@ -304,7 +309,9 @@ fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         remove(&inside(path)?)?;
     }
     // Large reads from the zstd pipe: the layer can be gigabytes.
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()));
+    // At most what was recorded of the layer: a bomb stops there.
+    let stream = super::untrusted::Capped::new(std::io::stdin().lock(), limit);
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);

@@ -41,6 +41,63 @@ impl Error {
     }
 }
 
+/// Reads at most `limit` bytes of `inner`; more is an error (a decompression
+/// bomb, or an archive that does not match what was recorded of it).
+pub struct Capped<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R> Capped<R> {
+    pub fn new(inner: R, limit: u64) -> Self {
+        Capped { inner, left: limit, limit }
+    }
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Ask for one byte more than allowed, to tell "exactly at the limit" from "over it".
+        let want = buf.len().min(self.left.saturating_add(1).min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than the {} bytes recorded for it: refused", self.limit),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The tar stream of `files` entries holding `bytes` of file content is at
+/// most this long (headers, pax records with xattrs, padding, end blocks).
+pub fn tar_bound(bytes: u64, files: u64) -> u64 {
+    bytes.saturating_add(files.saturating_add(1).saturating_mul(16 << 10)).saturating_add(1 << 20)
+}
+
+/// Fails unless the filesystem of `dir` has room for `bytes` more, with a
+/// margin (5% and 64 MiB), so a restore never fills the disk half-way.
+pub fn ensure_room(dir: &Path, bytes: u64) -> io::Result<()> {
+    let c_dir = CString::new(dir.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain data, filled by the kernel.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let avail = st.f_bavail.saturating_mul(st.f_frsize);
+    let need = bytes.saturating_add(bytes / 20).saturating_add(64 << 20);
+    if avail < need {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("{} has {avail} bytes free, {need} needed ({bytes} and a margin)", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
 const RESOLVE: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
 
 /// `openat2(dir, rel, flags, mode)` confined beneath `dir`, following no symlink.
@@ -300,6 +357,17 @@ mod tests {
         assert!(matches!(root.read("big", 99), Err(Error::TooLarge(_, 100, 99))));
         assert_eq!(root.read_tail("big", 3).unwrap(), b"xxx");
         assert!(root.read("missing", 1).unwrap_err().is_not_found());
+    }
+
+    #[test]
+    fn capped_reads_stop_past_the_limit() {
+        let mut exact = Vec::new();
+        Capped::new(&b"12345"[..], 5).read_to_end(&mut exact).unwrap();
+        assert_eq!(exact, b"12345");
+        let err = Capped::new(&b"123456"[..], 5).read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(ensure_room(Path::new("/"), u64::MAX / 4).is_err());
+        assert!(ensure_room(Path::new("/"), 1).is_ok());
     }
 
     #[test]
