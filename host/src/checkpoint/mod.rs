@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod key;
+pub mod manifest;
 pub mod metadata;
 pub mod rootfs;
 pub mod store;
