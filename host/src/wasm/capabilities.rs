@@ -286,7 +286,7 @@ impl checkpoints::Host for HostState {
 
     fn list(&mut self) -> wasmtime::Result<Result<Vec<(String, Result<checkpoints::Generation, String>)>, String>> {
         Ok(self.ctx.location().and_then(|location| {
-            let gens = checkpoint::generations(&location).map_err(|e| e.to_string())?;
+            let gens = checkpoint::generations(&location, &self.ctx.config).map_err(|e| e.to_string())?;
             Ok(gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
         }))
     }
@@ -296,7 +296,7 @@ impl checkpoints::Host for HostState {
             let gen = checkpoint::store::Store::new(&location)
                 .generation(&name)
                 .ok_or_else(|| format!("no generation {name}"))?;
-            checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta))
+            checkpoint::check_compatible(&gen, &self.ctx.config)
         }))
     }
 
