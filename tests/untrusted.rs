@@ -18,6 +18,20 @@ fn restored_from(inst: &Instance, id: &str) -> Option<String> {
     })
 }
 
+/// A directory standing in for a Network FS root shared by a fleet.
+fn shared_root() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("arch-shared-root").tempdir().unwrap()
+}
+
+/// An ARCH instance whose default mode is Network FS on `shared` (plus `extra` config).
+fn on_shared_root(shared: &tempfile::TempDir, extra: serde_json::Value) -> Instance {
+    let mut config = serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    Instance::with(Path::new("/usr/sbin/runc"), config)
+}
+
 /// A copy of generation `from` under the newer name `name`, changed by `mutate`.
 fn plant(key_dir: &Path, from: &str, name: &str, mutate: impl FnOnce(&Path)) -> PathBuf {
     let gens = key_dir.join(".arch/generations");
@@ -46,12 +60,8 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
     if !ready_for_checkpoints() {
         return;
     }
-    let shared = tempfile::Builder::new().prefix("arch-untrusted").tempdir().unwrap();
-    let inst = Instance::with(
-        Path::new("/usr/sbin/runc"),
-        serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() }),
-    );
-    let ctd = Containerd::start_with("arch-untrusted", inst);
+    let shared = shared_root();
+    let ctd = Containerd::start_with("arch-untrusted", on_shared_root(&shared, serde_json::json!({})));
     let key_dir = shared.path().join("fleet/job");
     let env = ["ARCH_CHECKPOINT_KEY=fleet/job"];
     start_counter(&ctd, "job", &env);
@@ -232,12 +242,8 @@ fn a_decompression_bomb_stops_at_the_recorded_size() {
     if !ready_for_checkpoints() {
         return;
     }
-    let shared = tempfile::Builder::new().prefix("arch-untrusted-bomb").tempdir().unwrap();
-    let inst = Instance::with(
-        Path::new("/usr/sbin/runc"),
-        serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() }),
-    );
-    let ctd = Containerd::start_with("arch-untrusted-bomb", inst);
+    let shared = shared_root();
+    let ctd = Containerd::start_with("arch-untrusted-bomb", on_shared_root(&shared, serde_json::json!({})));
     let key_dir = shared.path().join("bomb");
     let env = ["ARCH_CHECKPOINT_KEY=bomb"];
     start_counter(&ctd, "job", &env);
@@ -289,17 +295,12 @@ fn with_a_fleet_key_only_tagged_generations_are_restored() {
     if !ready_for_checkpoints() {
         return;
     }
-    let shared = tempfile::Builder::new().prefix("arch-untrusted-key").tempdir().unwrap();
+    let shared = shared_root();
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("fleet.key");
     std::fs::write(&key, "a".repeat(64)).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let instance = |key: Option<&Path>| {
-        Instance::with(
-            Path::new("/usr/sbin/runc"),
-            serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path(), "fleet_key_file": key }),
-        )
-    };
+    let instance = |key: Option<&Path>| on_shared_root(&shared, serde_json::json!({ "fleet_key_file": key }));
     let ctd = Containerd::start_with("arch-untrusted-key", instance(Some(&key)));
     let key_dir = shared.path().join("keyed");
     let env = ["ARCH_CHECKPOINT_KEY=keyed"];
