@@ -9,6 +9,7 @@
 #               new rootfs + `runc restore --detach`;
 #   freeze:     ARCH's frozen time with --leave-running (from its metadata) vs
 #               `runc checkpoint --leave-running` + `cp -a` of the upperdir.
+# ARCH_BENCH_MODE=network-fs benches Network FS mode (a local directory as the root).
 # Each figure is the median of $REPEAT runs (default 3). Results go to
 # target/bench/checkpoint.md. Needs root. Not a test.
 set -euo pipefail
@@ -19,8 +20,13 @@ sizes=("${@:-64 512 2048}")
 read -r -a sizes <<<"${sizes[*]}"
 repeat=${REPEAT:-3}
 layer_mib=${LAYER_MIB:-1024}
-(cd "$repo" && cargo build --release --quiet)
-bin=$(bash "$repo/scripts/bin-dir.sh")
+# ARCH_BIN_DIR: bench the arch-runc in that directory instead (e.g. an older build, side by side).
+if [ -n "${ARCH_BIN_DIR:-}" ]; then
+  bin=$ARCH_BIN_DIR
+else
+  (cd "$repo" && cargo build --release --quiet)
+  bin=$(bash "$repo/scripts/bin-dir.sh")
+fi
 runc=$(command -v runc)
 work=$(mktemp -d /var/tmp/arch-bench-ck.XXXXXX)
 root=$work/runc-root
@@ -39,8 +45,10 @@ cp "$(command -v busybox)" "$lower/bin/busybox"; ln -s busybox "$lower/bin/sh"
 cp "$work/workload" "$lower/workload"
 cat >"$work/config.json" <<JSON
 {"state_dir": "$work/state", "log_file": "$work/arch.log", "cache_dir": "$work/cache",
- "modules_dir": "$work/modules", "checkpoint_dir": "$work/checkpoints", "runc": "$runc", "keep_generations": 1}
+ "modules_dir": "$work/modules", "checkpoint_dir": "$work/checkpoints", "runc": "$runc", "keep_generations": 1,
+ "mode": "${ARCH_BENCH_MODE:-basic}", "network_fs_dir": "$work/netfs"}
 JSON
+mkdir -p "$work/netfs"
 export ARCH_CONFIG=$work/config.json
 mkdir -p "$work/spec" && (cd "$work/spec" && "$runc" spec) && mv "$work/spec/config.json" "$work/spec.json"
 

@@ -464,6 +464,32 @@ pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, String>
     Ok(verified)
 }
 
+/// The images CRIU restores from: Network FS mode unpacks (and checks) the
+/// archive into local staging; Basic mode checks the files in place, where
+/// CRIU reads them through the pinned directory (kept open: returned too).
+#[allow(clippy::type_complexity)]
+fn prepare_images(
+    gen: &Generation,
+    verified: &Verified,
+    staging: &Path,
+) -> Result<(PathBuf, Option<untrusted::Pinned>, (&'static str, u64)), String> {
+    let started = Instant::now();
+    match verified.metadata.images_archive_bytes {
+        Some(_) => {
+            let images = staging.join("images");
+            let entry = verified.manifest.require(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
+            let (archive, _) = gen.pinned().open(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
+            unpack(archive, entry, &images, verified.metadata.images_bytes).map_err(|e| format!("{e:#}"))?;
+            Ok((images, None, ("unpack", ms(started))))
+        }
+        None => {
+            let dir = gen.pinned().dir(IMAGES_DIR, false).map_err(|e| format!("images: {e}"))?;
+            verify_images_dir(&dir, &verified.manifest)?;
+            Ok((dir.path().to_path_buf(), Some(dir), ("digest", ms(started))))
+        }
+    }
+}
+
 /// Basic mode: CRIU reads `images/` itself, so every file there must be listed
 /// and match, and nothing unlisted may be there (CRIU opens images by name).
 fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(), String> {
@@ -643,49 +669,38 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let staging =
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
-    let mut _images_dir = None;
-    let images = match meta.images_archive_bytes {
-        Some(_) => {
-            let started = Instant::now();
-            let images = staging.join("images");
-            let entry = verified.manifest.require(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
-            let (archive, _) = gen.pinned().open(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
-            unpack(archive, entry, &images, meta.images_bytes).map_err(|e| format!("{e:#}"))?;
-            phases.insert("unpack".to_owned(), ms(started));
-            images
-        }
-        None => {
-            // CRIU reads them by path: through a pinned directory, never a planted link.
-            let started = Instant::now();
-            let dir = gen.pinned().dir(IMAGES_DIR, false).map_err(|e| format!("images: {e}"))?;
-            verify_images_dir(&dir, &verified.manifest)?;
-            phases.insert("digest".to_owned(), ms(started));
-            let path = dir.path().to_path_buf();
-            _images_dir = Some(dir);
-            path
-        }
-    };
     let work = staging.join("work");
     crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
-    let mut rollback = None;
-    if meta.rootfs_archive_bytes.is_some() {
-        let started = Instant::now();
-        rollback = Some(rootfs::Rollback::arm(&req.target.bundle.join("rootfs")));
-        let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
-        let entry = verified.manifest.require(rootfs::ARCHIVE).map_err(|e| e.to_string())?;
-        let diff_list = verified.diff_list.as_deref().unwrap_or_default();
-        rootfs::apply(
-            gen.pinned(),
-            entry,
-            diff_list,
-            &req.target.bundle.join("rootfs"),
-            &staging,
-            meta.rootfs_bytes,
-            limit,
-        )
-        .map_err(|e| format!("{e:#}"))?;
-        tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
-        phases.insert("rootfs".to_owned(), ms(started));
+    // The images (unpacked or checked) and the layer (replayed) are independent:
+    // one on each core. A failure of either after the layer went in rolls it back.
+    let rootfs = req.target.bundle.join("rootfs");
+    let rollback = meta.rootfs_archive_bytes.is_some().then(|| rootfs::Rollback::arm(&rootfs));
+    let (images, layer) = std::thread::scope(|scope| {
+        let images = scope.spawn(|| prepare_images(&gen, &verified, &staging));
+        let layer = match meta.rootfs_archive_bytes {
+            Some(_) => {
+                let started = Instant::now();
+                let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
+                let diff_list = verified.diff_list.as_deref().unwrap_or_default();
+                verified
+                    .manifest
+                    .require(rootfs::ARCHIVE)
+                    .map_err(|e| e.to_string())
+                    .and_then(|entry| {
+                        rootfs::apply(gen.pinned(), entry, diff_list, &rootfs, &staging, meta.rootfs_bytes, limit)
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                    .map(|()| Some(ms(started)))
+            }
+            None => Ok(None),
+        };
+        (images.join().unwrap_or_else(|_| Err("preparing the images panicked".into())), layer)
+    });
+    let (images, _images_dir, (phase, images_ms)) = images?;
+    phases.insert(phase.to_owned(), images_ms);
+    if let Some(layer_ms) = layer? {
+        tracing::info!(id = req.target.id, ms = layer_ms, "rootfs diff applied");
+        phases.insert("rootfs".to_owned(), layer_ms);
     }
     let mut argv = with_globals(
         req.target.globals,
