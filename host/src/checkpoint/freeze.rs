@@ -239,7 +239,11 @@ pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recover
             crate::metrics::Metrics::new(config).count("arch_thaws_total", &[("by", by)], 1);
             Recovery::Thawed
         }
-        _ => Recovery::Stale,
+        _ => {
+            tracing::info!(target: "arch::freeze", id = %marker.id, pid = marker.owner.pid, status = status.as_deref().unwrap_or("gone"), by,
+                "a dead arch-runc's freeze marker removed: the container was not frozen");
+            Recovery::Stale
+        }
     };
     if let Err(e) = std::fs::remove_file(&path) {
         tracing::warn!(marker = %path.display(), error = %e, "could not remove the freeze marker");
