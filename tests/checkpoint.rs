@@ -358,7 +358,7 @@ fn duplicate_and_other_root_creates_leave_the_live_container_alone() {
         .any(|r| r["message"] == "the key's checkpoints belong to a live container: this one starts fresh"
             && r["id"] == "job"));
     assert_eq!(restored_from(&ctd.inst, "job"), None, "nothing restored");
-    assert_eq!(generations(&key_dir), [first.clone()], "nothing quarantined, nothing removed");
+    assert_eq!(generations(&key_dir), std::slice::from_ref(&first), "nothing quarantined, nothing removed");
     assert!(arch_runc_direct(&ctd, other_root, &["delete", "--force", "job"]).status().unwrap().success());
     assert_eq!(runc_status(other_root, "job"), "");
 
@@ -449,7 +449,7 @@ fn a_checkpoint_killed_while_frozen_is_thawed_by_the_next_call_and_its_scratch_r
     assert!(!mine(&staging).iter().any(|n| n.ends_with(&format!("-{pid}"))), "left: {:?}", mine(&staging));
     assert!(mine(&shm).is_empty(), "left: {:?}", mine(&shm));
     assert!(!mine(&key_dir.join(".arch")).iter().any(|n| n.starts_with("pending-")));
-    assert!(ctd.inst.counters().get("arch_leftovers_removed_total{kind=\"staging\"}").is_some());
+    assert!(ctd.inst.counters().contains_key("arch_leftovers_removed_total{kind=\"staging\"}"));
     assert_eq!(ctd.inst.counters().get("arch_leftovers_removed_total{kind=\"restore\"}"), Some(&1));
 
     // A handled call thaws too (under the container's lock).
