@@ -12,6 +12,8 @@
 # Each figure is the median of $REPEAT runs (default 3). Results go to
 # target/bench/checkpoint.md. Needs root. Not a test.
 set -euo pipefail
+# The config it writes must be root's alone, or ARCH ignores it (reference: Trust).
+umask 022
 repo=$(cd "$(dirname "$0")/.." && pwd)
 sizes=("${@:-64 512 2048}")
 read -r -a sizes <<<"${sizes[*]}"

@@ -8,6 +8,8 @@
 # Prints a markdown table (also saved to target/bench/results.md); the recorded
 # figures live in docs/performance.md. Not a test: nothing here fails on time.
 set -euo pipefail
+# The config it writes must be root's alone, or ARCH ignores it (reference: Trust).
+umask 022
 repo=$(cd "$(dirname "$0")/.." && pwd)
 runs=2000 create_runs=200
 [ "${1:-}" = --quick ] && runs=200 create_runs=20

@@ -8,6 +8,8 @@
 # Everything lives under $ARCH_DEMO_DIR (default /tmp/arch-demo); the machine's
 # own containerd and /etc/arch are not touched.
 set -euo pipefail
+# The config it writes must be root's alone, or ARCH ignores it (reference: Trust).
+umask 022
 repo=$(cd "$(dirname "$0")/.." && pwd)
 demo=${ARCH_DEMO_DIR:-/tmp/arch-demo}
 ns=arch-demo

@@ -308,7 +308,19 @@ fn overrides_are_checked() {
         matches!(modules::resolve(&mods, "checkpoint").refused, Some(Refusal::Writable { .. })),
         "writable directory"
     );
+    // Root-owned and sticky: nobody else can replace the file in it.
+    std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_eq!(modules::resolve(&mods, "checkpoint").refused, None, "sticky directory");
     std::fs::set_permissions(&mods, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Whoever can write a directory above can replace modules_dir itself.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+    let r = modules::resolve(&mods, "checkpoint");
+    assert_eq!(r.module.origin, Origin::Builtin);
+    assert_eq!(r.refused, Some(Refusal::Writable { path: dir.path().into(), mode: 0o775 }), "writable parent");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(&mods, &linked).unwrap();
+    assert_eq!(modules::resolve(&linked, "checkpoint").refused, None, "modules_dir through root's symlink");
 
     std::fs::remove_file(&file).unwrap();
     std::os::unix::fs::symlink(module_wasm("arch-module-example-vendor"), &file).unwrap();

@@ -1,7 +1,15 @@
 //! Host settings: a JSON file named by `$ARCH_CONFIG` (default
 //! `/etc/arch/config.json`). Every key is optional; the README lists them.
+//!
+//! The config decides what runs as root (the `runc` it names, the modules
+//! under `modules_dir`), so it is used only if nobody but root could have
+//! written it or the `runc` it names ([`crate::trust`]). A refused config is
+//! not half-used: arch-runc then behaves as plain runc from the standard
+//! location, and archctl stops.
 
+use crate::trust::{self, Refusal};
 use serde::{Deserialize, Serialize};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/arch/config.json";
@@ -102,22 +110,57 @@ pub struct Loaded {
     pub config: Config,
     pub path: PathBuf,
     pub warning: Option<String>,
+    /// The config, or the runc it names, is not root's alone: `config` holds
+    /// the defaults, and the caller must not act as ARCH on them.
+    pub refused: Option<Refusal>,
 }
 
 impl Config {
     /// Reads `$ARCH_CONFIG` or the default file. A missing file means all
-    /// defaults; a malformed one means all defaults plus a warning.
+    /// defaults; a malformed one means all defaults plus a warning; an
+    /// untrusted one (or one naming an untrusted runc) means defaults and
+    /// [`Loaded::refused`].
     pub fn load() -> Loaded {
         let path = std::env::var_os("ARCH_CONFIG").map(PathBuf::from).unwrap_or_else(|| DEFAULT_CONFIG.into());
-        let (config, warning) = match std::fs::read(&path) {
-            Ok(bytes) => match Self::from_json(&bytes) {
-                Ok(c) => (c, None),
-                Err(e) => (Config::default(), Some(format!("{}: {e}; using defaults", path.display()))),
+        Self::load_from(path)
+    }
+
+    /// As [`Config::load`], from `path`.
+    pub fn load_from(path: PathBuf) -> Loaded {
+        let (config, warning, refused) = match Self::read_trusted(&path) {
+            Ok(None) => (Config::default(), None, None),
+            Ok(Some(bytes)) => match Self::from_json(&bytes) {
+                Ok(c) => match c.check_runc() {
+                    Ok(()) => (c, None, None),
+                    Err(refusal) => (Config::default(), None, Some(refusal)),
+                },
+                Err(e) => (Config::default(), Some(format!("{}: {e}; using defaults", path.display())), None),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Config::default(), None),
-            Err(e) => (Config::default(), Some(format!("{}: {e}; using defaults", path.display()))),
+            Err(Refusal::Io { path: p, error }) => {
+                (Config::default(), Some(format!("{}: {error}; using defaults", p.display())), None)
+            }
+            Err(refusal) => (Config::default(), None, Some(refusal)),
         };
-        Loaded { config, path, warning }
+        Loaded { config, path, warning, refused }
+    }
+
+    /// The config file's bytes, if it exists and only root could have written it.
+    fn read_trusted(path: &Path) -> Result<Option<Vec<u8>>, Refusal> {
+        let Some(opened) = trust::open(path, trust::Last::Read)? else { return Ok(None) };
+        let mut bytes = Vec::with_capacity(opened.meta.len().min(1 << 20) as usize);
+        let mut file = opened.file;
+        file.read_to_end(&mut bytes).map_err(|e| Refusal::Io { path: path.into(), error: e.to_string() })?;
+        Ok(Some(bytes))
+    }
+
+    /// The `runc` named here runs as root: it must be root's alone too. One
+    /// that does not exist is not refused (the standard runc is used, as
+    /// before), nor is one that is no program at all or cannot be examined.
+    fn check_runc(&self) -> Result<(), Refusal> {
+        match self.runc.as_deref().map(|runc| trust::open(runc, trust::Last::Exec)) {
+            None | Some(Ok(_)) | Some(Err(Refusal::Io { .. } | Refusal::NotAFile(_))) => Ok(()),
+            Some(Err(refusal)) => Err(refusal),
+        }
     }
 
     pub fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
@@ -147,6 +190,47 @@ mod tests {
         let c = Config::from_json(b"{}").unwrap();
         assert_eq!(c.mode, Mode::Basic);
         assert_eq!(c.modules_dir, Path::new("/etc/arch/modules"));
+    }
+
+    #[test]
+    fn only_roots_config_and_runc_are_used() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        chmod(dir.path(), 0o755);
+        let runc = dir.path().join("runc");
+        std::fs::write(&runc, b"#!/bin/sh\n").unwrap();
+        chmod(&runc, 0o755);
+        let path = dir.path().join("config.json");
+        let json = serde_json::json!({ "runc": runc, "keep_generations": 7 });
+        std::fs::write(&path, json.to_string()).unwrap();
+        chmod(&path, 0o644);
+
+        let loaded = Config::load_from(path.clone());
+        assert_eq!((loaded.config.keep_generations, loaded.refused, loaded.warning), (7, None, None));
+        chmod(&path, 0o666);
+        let loaded = Config::load_from(path.clone());
+        assert_eq!(loaded.refused, Some(Refusal::Writable { path: path.clone(), mode: 0o666 }));
+        assert_eq!((loaded.config.keep_generations, loaded.config.runc), (2, None), "defaults, not half of it");
+        chmod(&path, 0o600);
+        chmod(&runc, 0o775);
+        let loaded = Config::load_from(path.clone());
+        assert_eq!(loaded.refused, Some(Refusal::Writable { path: runc.clone(), mode: 0o775 }));
+        assert_eq!((loaded.config.keep_generations, loaded.config.runc), (2, None));
+        // A runc that is not there is no refusal: the standard one serves.
+        std::fs::remove_file(&runc).unwrap();
+        assert_eq!(Config::load_from(path.clone()).refused, None);
+
+        let missing = Config::load_from(dir.path().join("missing.json"));
+        assert_eq!((missing.refused, missing.warning), (None, None));
+        std::fs::write(&path, b"{ not json").unwrap();
+        let malformed = Config::load_from(path);
+        assert_eq!(malformed.refused, None);
+        assert!(malformed.warning.is_some());
     }
 
     #[test]

@@ -33,7 +33,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         tracing::warn!(config = %loaded.path.display(), "{warning}");
     }
     let mut call = Call { started, config: loaded.config, inv, args, report: Report::default() };
-    if utf8.is_none() {
+    if let Some(refusal) = &loaded.refused {
+        // The defaults' log: nothing the untrusted file says is used.
+        tracing::error!(config = %loaded.path.display(), "host config refused, behaving as plain runc: {refusal}");
+        call.count("arch_config_refusals_total");
+        call.report.reason = "host config refused";
+    } else if utf8.is_none() {
         call.report.reason = "argv is not UTF-8";
     }
     call.run()
@@ -92,7 +97,8 @@ impl Call {
     /// Decides, as cheaply as possible, whether ARCH handles this call.
     fn route(&mut self, runc: &Path) -> Route {
         if !self.report.reason.is_empty() {
-            return Route::PassThrough("argv is not UTF-8");
+            // Already decided: a refused config or a non-UTF-8 argv.
+            return Route::PassThrough(self.report.reason);
         }
         let inv = &self.inv;
         let Some(sub) = inv.subcommand else { return Route::PassThrough("not a runc subcommand") };

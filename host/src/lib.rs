@@ -6,6 +6,7 @@
 //! - the per-subcommand policy: `modules/<subcommand>/src/lib.rs` (WebAssembly);
 //! - what a module may ask of the host: [`wasm`] (capabilities);
 //! - which module runs: [`modules`] (builtin or operator override);
+//! - whether a file that steers root (config, runc, module) is root's alone: [`trust`];
 //! - checkpoints on disk: [`checkpoint`] (take, restore, store, catalog);
 //! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);
 //! - counters and durations: [`metrics`].
@@ -21,4 +22,5 @@ pub mod logging;
 pub mod metrics;
 pub mod modules;
 pub mod runc;
+pub mod trust;
 pub mod wasm;

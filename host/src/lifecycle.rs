@@ -125,7 +125,7 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
             metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero")], 1);
             tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "job finished: checkpoints removed");
         } else {
-            let store = Store::new(&location.dir);
+            let store = Store::new(&location);
             let _lock = store.lock()?;
             store.mark_completed(&Completed {
                 namespace: record.namespace.clone(),

@@ -52,6 +52,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Handler modules that trapped, ran out of fuel or memory, or asked for too much.",
     ),
     ("arch_module_refusals_total", "counter", "Module overrides refused (ownership, mode, symlink)."),
+    (
+        "arch_config_refusals_total",
+        "counter",
+        "Calls made as plain runc because the host config or its runc was refused (ownership, mode, symlink).",
+    ),
     ("arch_failures_total", "counter", "Failures of ARCH's own machinery that made a call fall back to plain runc."),
     (
         "arch_handled_total",

@@ -2,15 +2,15 @@
 //! an operator's `<modules_dir>/<subcommand>.wasm`.
 //!
 //! An override runs policy as root, so it is refused (and the builtin used)
-//! unless the file and its directory are owned by root and not writable by
-//! group or others. It is read on every call: dropping in a new file takes
+//! unless the file, its directory and every directory above are owned by root
+//! and not writable by group or others (a sticky directory excepted, see
+//! [`crate::trust`]). It is read on every call: dropping in a new file takes
 //! effect at the next invocation.
 
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A handler module compiled into arch-runc.
@@ -44,19 +44,7 @@ pub struct Module {
 }
 
 /// Why an override was not used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refusal {
-    #[error("{0} is a symlink")]
-    Symlink(PathBuf),
-    #[error("{0} is not a regular file")]
-    NotAFile(PathBuf),
-    #[error("{path} is owned by uid {uid}, not root")]
-    NotRootOwned { path: PathBuf, uid: u32 },
-    #[error("{path} is writable by group or others (mode {mode:o})")]
-    Writable { path: PathBuf, mode: u32 },
-    #[error("reading {path}: {error}")]
-    Io { path: PathBuf, error: String },
-}
+pub use crate::trust::Refusal;
 
 /// A module resolution: what will run, and an override that was refused.
 pub struct Resolution {
@@ -93,39 +81,16 @@ fn builtin(subcommand: &str) -> Module {
     }
 }
 
-/// Reads an override if there is one and it may be trusted. The checks run
-/// on the opened file (fstat), so a file swapped after the check is not read.
+/// Reads an override if there is one and it may be trusted: the file, its
+/// directory and every directory above are root's alone ([`crate::trust`]).
+/// The checks run on the opened file (fstat), so a file swapped after the
+/// check is not read.
 pub fn read_override(path: &Path) -> Result<Option<Vec<u8>>, Refusal> {
-    let io = |e: std::io::Error| Refusal::Io { path: path.into(), error: e.to_string() };
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
-    let mut file = match file {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(Refusal::Symlink(path.into())),
-        Err(e) => return Err(io(e)),
-    };
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(Refusal::NotAFile(path.into()));
-    }
-    trusted(path, &meta)?;
-    if let Some(dir) = path.parent() {
-        trusted(dir, &std::fs::metadata(dir).map_err(io)?)?;
-    }
-    let mut wasm = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut wasm).map_err(io)?;
+    let Some(opened) = crate::trust::open(path, crate::trust::Last::Read)? else { return Ok(None) };
+    let mut wasm = Vec::with_capacity(opened.meta.len() as usize);
+    let mut file = opened.file;
+    file.read_to_end(&mut wasm).map_err(|e| Refusal::Io { path: path.into(), error: e.to_string() })?;
     Ok(Some(wasm))
-}
-
-/// Owned by root and not writable by group or others.
-fn trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Refusal> {
-    if meta.uid() != 0 {
-        return Err(Refusal::NotRootOwned { path: path.into(), uid: meta.uid() });
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(Refusal::Writable { path: path.into(), mode: meta.mode() & 0o7777 });
-    }
-    Ok(())
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -64,6 +64,8 @@ impl Instance {
         }
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        // Whatever the umask: a group-writable config would be refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         Instance { dir, config: path }
     }
 

@@ -123,14 +123,12 @@ fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyh
         metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
         return Ok(());
     }
-    let store = Store::new(&location.dir);
+    let store = Store::new(location);
     let Some(lock) = store.try_lock()? else {
         tracing::info!(key = %location.key, "busy: skipped by gc");
         return Ok(());
     };
-    for pending in store.pending() {
-        std::fs::remove_dir_all(&pending)?;
-    }
+    store.remove_pending()?;
     for (g, reason) in doomed {
         catalog::remove_generation(g)?;
         metrics.count("arch_checkpoints_removed_total", &[("reason", reason)], 1);

@@ -107,8 +107,9 @@ fn generation(kind: &str, g: &GenerationInfo) -> String {
         out.push_str(&format!("  phases:     {}\n", phases.join(", ")));
         out.push_str(&format!("  taken with: runc {}, CRIU {}, kernel {}\n", m.runc_version, m.criu_version, m.kernel));
         out.push_str(&format!("  on:         {} ({})\n", m.host, m.cpu_model));
-        if !m.runc_flags.is_empty() {
-            out.push_str(&format!("  runc flags: {}\n", m.runc_flags.join(" ")));
+        let flags = m.options.flags();
+        if !flags.is_empty() {
+            out.push_str(&format!("  options:    {}\n", flags.join(" ")));
         }
     }
     out

@@ -2,7 +2,8 @@
 //!
 //! Exit statuses (scripts rely on them; docs/reference.md lists them):
 //! 0 ok, 1 any other failure, 2 bad usage (including a malformed key),
-//! 3 unknown key, 4 invalid or corrupt checkpoint, 5 permission denied,
+//! 3 unknown key, 4 invalid or corrupt checkpoint, 5 permission denied
+//! (including a refused host config),
 //! 6 containerd unreachable.
 
 pub mod gc;
@@ -98,6 +99,8 @@ pub enum CtlError {
     Invalid(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl From<FindError> for CtlError {
@@ -118,6 +121,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             CtlError::NotFound(_) => 3,
             CtlError::Invalid(_) => 4,
             CtlError::Unavailable(_) => 6,
+            CtlError::Denied(_) => 5,
         };
     }
     let denied = e.chain().any(|c| {
@@ -132,9 +136,23 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 /// Runs archctl; the returned status is the process's exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "archctl", &mut std::io::stdout());
+        return Ok(0);
+    }
     let loaded = Config::load();
     if let Some(warning) = &loaded.warning {
         eprintln!("archctl: warning: {warning}");
+    }
+    // Unlike arch-runc, which must keep runc working, archctl has nothing to
+    // fall back to: its defaults would show and change the wrong roots.
+    if let Some(refusal) = loaded.refused {
+        let path = loaded.path.display();
+        return Err(CtlError::Denied(format!(
+            "host config {path} refused: {refusal}; it and what it names to run must be owned by root and not \
+             writable by group or others, in directories that are too (arch-runc behaves as plain runc meanwhile)"
+        ))
+        .into());
     }
     let config = &loaded.config;
     match cli.command {
@@ -146,9 +164,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Metrics(args) => metrics::run(config, args),
         Command::Watch(args) => watch::run(config, args),
         Command::Modules(cmd) => modules::run(config, cmd),
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "archctl", &mut std::io::stdout());
-            Ok(0)
-        }
+        Command::Completions { .. } => unreachable!("answered before the config is read"),
     }
 }

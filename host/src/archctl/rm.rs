@@ -11,7 +11,7 @@ pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
     let locations = args.locate(config)?;
     let mut removed = Vec::new();
     for location in &locations {
-        let store = Store::new(&location.dir);
+        let store = Store::new(location);
         let count = store.generations()?.len() + store.quarantined()?.len();
         let bar = output::progress(count as u64, &format!("removing {}", location.key));
         let bytes = catalog::remove_key(location, &|name| {

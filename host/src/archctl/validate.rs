@@ -36,7 +36,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     };
     let mut work = Vec::new();
     for location in &locations {
-        let store = crate::checkpoint::store::Store::new(&location.dir);
+        let store = crate::checkpoint::store::Store::new(location);
         for gen in store.generations().with_context(|| format!("reading key {}", location.key))? {
             work.push((location, gen));
         }
@@ -45,7 +45,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     let mut results = Vec::new();
     for (location, gen) in work {
         bar.set_message(format!("validating {}/{}", location.key, gen.name));
-        let outcome = catalog::validate_deep(&gen.dir);
+        let outcome = catalog::validate_deep(&gen);
         results.push(Checked {
             key: location.key.clone(),
             mode: catalog::mode_name(location.mode),

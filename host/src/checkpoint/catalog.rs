@@ -4,6 +4,7 @@
 use super::key::{self, Location};
 use super::metadata::{self, Metadata};
 use super::store::{Completed, Generation, Store};
+use super::untrusted::Pinned;
 use crate::config::{Config, Mode};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,9 @@ pub struct GenerationInfo {
     pub quarantine_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Metadata>,
+    /// The directory as opened (for removal).
+    #[serde(skip)]
+    pub generation: Generation,
 }
 
 /// What one key holds.
@@ -124,14 +128,15 @@ pub fn mode_name(mode: Mode) -> &'static str {
 fn info(gen: &Generation, quarantine_reason: Option<String>) -> GenerationInfo {
     let meta = Store::metadata(gen);
     let problem = match &meta {
-        Ok(m) if quarantine_reason.is_none() => metadata::validate(&gen.dir, m).err(),
+        Ok(m) if quarantine_reason.is_none() => metadata::validate(gen.pinned(), m).err(),
         Ok(_) => None,
         Err(e) => Some(e.clone()),
     };
     let created = meta.as_ref().ok().map(|m| m.created_unix_ms).or_else(|| created_from_name(&gen.name));
     GenerationInfo {
         name: gen.name.clone(),
-        dir: gen.dir.clone(),
+        dir: gen.shown.clone(),
+        generation: gen.clone(),
         bytes: disk_bytes(&gen.dir),
         created_unix_ms: created,
         problem,
@@ -146,7 +151,7 @@ fn created_from_name(name: &str) -> Option<u64> {
 }
 
 pub fn summarize(location: &Location) -> std::io::Result<Summary> {
-    let store = Store::new(&location.dir);
+    let store = Store::new(location);
     let generations: Vec<GenerationInfo> = store.generations()?.iter().map(|g| info(g, None)).collect();
     let quarantined: Vec<GenerationInfo> =
         store.quarantined()?.iter().map(|(g, why)| info(g, Some(why.trim().to_owned()))).collect();
@@ -189,18 +194,18 @@ pub fn disk_bytes(dir: &Path) -> u64 {
 
 /// Deep validation of one generation: the cheap checks, then every archive
 /// read through (zstd checks its frame checksums).
-pub fn validate_deep(gen_dir: &Path) -> Result<(), String> {
-    let gen = Generation { name: String::new(), dir: gen_dir.to_path_buf() };
-    let meta = Store::metadata(&gen)?;
-    metadata::validate(gen_dir, &meta)?;
+pub fn validate_deep(gen: &Generation) -> Result<(), String> {
+    let meta = Store::metadata(gen)?;
+    metadata::validate(gen.pinned(), &meta)?;
     for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
-        let path = gen_dir.join(archive);
-        if !path.exists() {
-            continue;
-        }
+        let file = match gen.pinned().open(archive) {
+            Ok((file, _)) => file,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.to_string()),
+        };
         let out = std::process::Command::new("zstd")
             .args(["-t", "-q"])
-            .arg(&path)
+            .stdin(file)
             .output()
             .map_err(|e| format!("zstd -t {archive}: {e}"))?;
         if !out.status.success() {
@@ -213,45 +218,45 @@ pub fn validate_deep(gen_dir: &Path) -> Result<(), String> {
 /// Removes a whole key (generations, quarantine, leftovers) under its lock;
 /// `progress` is called after each generation. Nested keys below it stay.
 pub fn remove_key(location: &Location, progress: &dyn Fn(&str)) -> std::io::Result<u64> {
-    let store = Store::new(&location.dir);
+    let store = Store::new(location);
     let lock = store.lock()?;
     let mut bytes = 0;
     let gens = store.generations()?.into_iter().chain(store.quarantined()?.into_iter().map(|(g, _)| g));
     for gen in gens {
         bytes += disk_bytes(&gen.dir);
-        std::fs::remove_dir_all(&gen.dir)?;
+        gen.remove()?;
         progress(&gen.name);
     }
-    for pending in store.pending() {
-        std::fs::remove_dir_all(pending)?;
-    }
-    let arch = store.arch_dir().to_path_buf();
-    for entry in std::fs::read_dir(&arch)?.flatten() {
-        if entry.file_name() != "lock" {
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
+    // The rest of `.arch` (leftovers, marks, reasons), through the key
+    // directory opened beneath the root: a planted link is removed, never followed.
+    let root = Pinned::root(&location.root)?;
+    let key_dir = root.dir(&location.key, false)?;
+    let arch = key_dir.dir(".arch", false)?;
+    for (name, _) in arch.entries()? {
+        if name != "lock" {
+            super::store::remove_entry(&arch.path().join(name))?;
         }
     }
-    std::fs::remove_file(arch.join("lock"))?;
+    std::fs::remove_file(arch.path().join("lock"))?;
     drop(lock);
-    std::fs::remove_dir(&arch)?;
+    std::fs::remove_dir(key_dir.path().join(".arch"))?;
     // Empty parents up to the root go too; a nested key's directory stays.
-    let mut dir = location.dir.clone();
-    while dir != location.root && dir.starts_with(&location.root) && std::fs::remove_dir(&dir).is_ok() {
-        dir.pop();
+    let mut key = PathBuf::from(&location.key);
+    while let Some(parent) = key.parent().map(Path::to_path_buf) {
+        let Some(name) = key.file_name().map(|n| n.to_owned()) else { break };
+        let parent_dir = if parent.as_os_str().is_empty() { root.reopen()? } else { root.dir(&parent, false)? };
+        if std::fs::remove_dir(parent_dir.path().join(name)).is_err() || parent.as_os_str().is_empty() {
+            break;
+        }
+        key = parent;
     }
     Ok(bytes)
 }
 
 /// Removes one generation (published or quarantined) of a key; the caller holds the lock.
 pub fn remove_generation(gen: &GenerationInfo) -> std::io::Result<u64> {
-    let bytes = gen.bytes;
-    std::fs::remove_dir_all(&gen.dir)?;
-    Ok(bytes)
+    gen.generation.remove()?;
+    Ok(gen.bytes)
 }
 
 /// Finished keys whose TTL has passed, removed; returns their keys.
@@ -259,7 +264,7 @@ pub fn expire_completed(config: &Config) -> std::io::Result<Vec<(Location, u64)>
     let now = now_ms();
     let mut removed = Vec::new();
     for location in keys(config)? {
-        let store = Store::new(&location.dir);
+        let store = Store::new(&location);
         if store.completed().is_some_and(|c| c.expired(now)) {
             let bytes = remove_key(&location, &|_| {})?;
             removed.push((location, bytes));
@@ -322,7 +327,13 @@ mod tests {
                 exited_at_unix_ms: 1,
                 remove_after_unix_ms: after,
             };
-            Store::new(&config.checkpoint_dir.join(key)).mark_completed(&c).unwrap();
+            let location = Location {
+                key: key.into(),
+                mode: Mode::Basic,
+                root: config.checkpoint_dir.clone(),
+                dir: config.checkpoint_dir.join(key),
+            };
+            Store::new(&location).mark_completed(&c).unwrap();
         };
         mark("a", 1);
         mark("b", now_ms() + 3_600_000);

@@ -1,14 +1,65 @@
 //! `metadata.json` of a generation, and the checks that make it valid.
+//!
+//! A generation is read from a checkpoint root, so its metadata is untrusted:
+//! it is parsed strictly ([`Metadata::parse`]), capped in size, and nothing in
+//! it becomes a flag, a path or a program. What restore must mirror of the
+//! dump is a set of typed [`CriuOptions`].
 
+use super::untrusted::Pinned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
 
-pub const FORMAT: u32 = 1;
+/// 2: typed CRIU options instead of runc flags, and a manifest of digests.
+pub const FORMAT: u32 = 2;
+pub const FILE: &str = "metadata.json";
+/// Far more than ARCH writes; anything larger was not written by ARCH.
+pub const MAX_BYTES: u64 = 1 << 20;
 /// CRIU's last line of a successful dump.
 const DUMP_OK: &str = "Dumping finished successfully";
+/// How much of the end of dump.log is read to find its last line.
+const DUMP_LOG_TAIL: u64 = 4096;
+
+/// The runc checkpoint options ARCH carries, each mirrored at restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriuOptions {
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+}
+
+impl CriuOptions {
+    /// The allow-list: runc's flag for each option.
+    const FLAGS: [&'static str; 4] = ["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks"];
+
+    fn fields(&mut self) -> [&mut bool; 4] {
+        [&mut self.tcp_established, &mut self.ext_unix_sk, &mut self.shell_job, &mut self.file_locks]
+    }
+
+    /// The options for `flags`; a flag outside the allow-list is an error.
+    pub fn from_flags<S: AsRef<str>>(flags: &[S]) -> Result<Self, String> {
+        let mut options = CriuOptions::default();
+        for flag in flags {
+            let flag = flag.as_ref();
+            let i = Self::FLAGS
+                .iter()
+                .position(|f| *f == flag)
+                .ok_or_else(|| format!("{flag:?} is not a carried checkpoint option"))?;
+            *options.fields()[i] = true;
+        }
+        Ok(options)
+    }
+
+    /// runc's flags for these options, from the allow-list only.
+    pub fn flags(mut self) -> Vec<&'static str> {
+        let set: Vec<bool> = self.fields().iter().map(|b| **b).collect();
+        Self::FLAGS.iter().zip(set).filter(|(_, on)| *on).map(|(f, _)| *f).collect()
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Metadata {
     pub format: u32,
     pub name: String,
@@ -20,8 +71,8 @@ pub struct Metadata {
     /// in `images.tar.zst`).
     pub mode: String,
     pub leave_running: bool,
-    /// runc checkpoint flags used, which restore must mirror.
-    pub runc_flags: Vec<String>,
+    /// CRIU options the dump used, which restore mirrors.
+    pub options: CriuOptions,
     /// Milliseconds per phase: `dump`, `rootfs`, `pack`, `publish`, `freeze`.
     pub phases_ms: BTreeMap<String, u64>,
     pub images_bytes: u64,
@@ -30,6 +81,8 @@ pub struct Metadata {
     /// Size of `rootfs-diff.tar.zst`; none if the container had no overlay upperdir.
     pub rootfs_archive_bytes: Option<u64>,
     pub rootfs_files: u64,
+    /// Bytes of file content in the layer: with `rootfs_files`, the bound on unpacking it.
+    pub rootfs_bytes: u64,
     pub runc_version: String,
     pub criu_version: String,
     pub kernel: String,
@@ -37,19 +90,44 @@ pub struct Metadata {
     pub cpu_model: String,
 }
 
-/// Checks that a generation is complete: metadata readable and of this
-/// format, CRIU said the dump succeeded, the images and archives are there
-/// with the sizes recorded.
-pub fn validate(dir: &Path, meta: &Metadata) -> Result<(), String> {
-    if meta.format != FORMAT {
-        return Err(format!("metadata format {} (this ARCH reads {FORMAT})", meta.format));
+impl Metadata {
+    /// Parses metadata read from a checkpoint root: strictly (unknown fields
+    /// are an error), and only of this format.
+    pub fn parse(bytes: &[u8]) -> Result<Metadata, String> {
+        if bytes.len() as u64 > MAX_BYTES {
+            return Err(format!("{FILE}: {} bytes, more than the {MAX_BYTES} allowed", bytes.len()));
+        }
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let format = serde_json::from_slice::<Format>(bytes).map_err(|e| format!("{FILE}: {e}"))?.format;
+        if format != FORMAT {
+            return Err(format!("{FILE}: format {format} (this ARCH reads {FORMAT})"));
+        }
+        let meta: Metadata = serde_json::from_slice(bytes).map_err(|e| format!("{FILE}: {e}"))?;
+        if meta.mode != "basic" && meta.mode != "network-fs" {
+            return Err(format!("{FILE}: mode {:?}", meta.mode));
+        }
+        Ok(meta)
     }
-    let log = std::fs::read_to_string(dir.join("dump.log")).map_err(|e| format!("dump.log: {e}"))?;
+
+    /// Reads and parses a generation's metadata, without following links.
+    pub fn read(dir: &Pinned) -> Result<Metadata, String> {
+        Metadata::parse(&dir.read(FILE, MAX_BYTES).map_err(|e| e.to_string())?)
+    }
+}
+
+/// Checks that a generation is complete: CRIU said the dump succeeded, the
+/// images and archives are there (regular files, never links) with the sizes recorded.
+pub fn validate(dir: &Pinned, meta: &Metadata) -> Result<(), String> {
+    let tail = dir.read_tail("dump.log", DUMP_LOG_TAIL).map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&tail);
     let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     if !last.contains(DUMP_OK) {
-        return Err(format!("dump.log does not end in success: {last:?}"));
+        return Err(format!("dump.log does not end in success: {:?}", last.chars().take(200).collect::<String>()));
     }
-    let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).map_err(|e| format!("{name}: {e}"));
+    let size = |name: &str| dir.open(name).map(|(_, size)| size).map_err(|e| e.to_string());
     match meta.images_archive_bytes {
         Some(bytes) => {
             let have = size("images.tar.zst")?;
@@ -58,7 +136,8 @@ pub fn validate(dir: &Path, meta: &Metadata) -> Result<(), String> {
             }
         }
         None => {
-            size("images/inventory.img")?;
+            let images = dir.dir("images", false).map_err(|e| format!("images: {e}"))?;
+            images.open("inventory.img").map_err(|e| e.to_string())?;
         }
     }
     if let Some(bytes) = meta.rootfs_archive_bytes {
@@ -98,39 +177,81 @@ pub fn tool_version(tool: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
-    fn generation(dir: &Path, log: &str) -> Metadata {
+    fn generation(dir: &Path, log: &str) -> (Pinned, Metadata) {
         std::fs::create_dir_all(dir.join("images")).unwrap();
         std::fs::write(dir.join("images/inventory.img"), b"x").unwrap();
         std::fs::write(dir.join("dump.log"), log).unwrap();
         std::fs::write(dir.join("rootfs-diff.tar.zst"), b"12345").unwrap();
         std::fs::write(dir.join("rootfs-diff.json"), b"{}").unwrap();
-        Metadata { format: FORMAT, rootfs_archive_bytes: Some(5), ..Default::default() }
+        let meta =
+            Metadata { format: FORMAT, mode: "basic".into(), rootfs_archive_bytes: Some(5), ..Default::default() };
+        (Pinned::root(dir).unwrap(), meta)
     }
 
     #[test]
     fn complete_generation_is_valid() {
         let d = tempfile::tempdir().unwrap();
-        let meta = generation(
+        let (dir, meta) = generation(
             d.path(),
             "(00.1) Error (criu/x.c:1): Can't setup RLIMIT_NOFILE\n(00.2) Dumping finished successfully\n",
         );
-        assert_eq!(validate(d.path(), &meta), Ok(()));
+        assert_eq!(validate(&dir, &meta), Ok(()));
     }
 
     #[test]
     fn incomplete_generations_are_not() {
         let d = tempfile::tempdir().unwrap();
-        let meta = generation(d.path(), "(00.2) Error (criu/cr-dump.c:2): Dumping FAILED.\n");
-        assert!(validate(d.path(), &meta).unwrap_err().contains("does not end in success"));
-        let meta = generation(d.path(), "Dumping finished successfully\n");
+        let (dir, meta) = generation(d.path(), "(00.2) Error (criu/cr-dump.c:2): Dumping FAILED.\n");
+        assert!(validate(&dir, &meta).unwrap_err().contains("does not end in success"));
+        let (dir, meta) = generation(d.path(), "Dumping finished successfully\n");
         std::fs::write(d.path().join("rootfs-diff.tar.zst"), b"123").unwrap();
-        assert!(validate(d.path(), &meta).unwrap_err().contains("3 bytes, 5 recorded"));
+        assert!(validate(&dir, &meta).unwrap_err().contains("3 bytes, 5 recorded"));
         std::fs::remove_file(d.path().join("dump.log")).unwrap();
-        assert!(validate(d.path(), &meta).unwrap_err().contains("dump.log"));
-        let meta = generation(d.path(), "Dumping finished successfully\n");
+        assert!(validate(&dir, &meta).unwrap_err().contains("dump.log"));
+        let (dir, meta) = generation(d.path(), "Dumping finished successfully\n");
         std::fs::remove_file(d.path().join("images/inventory.img")).unwrap();
-        assert!(validate(d.path(), &meta).unwrap_err().contains("inventory.img"));
-        assert!(validate(d.path(), &Metadata { format: 9, ..meta }).unwrap_err().contains("format"));
+        assert!(validate(&dir, &meta).unwrap_err().contains("inventory.img"));
+    }
+
+    #[test]
+    fn planted_links_are_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, meta) = generation(d.path(), "");
+        std::fs::remove_file(d.path().join("dump.log")).unwrap();
+        // The last line of a host file must never count as CRIU's.
+        let host = d.path().join("host-file");
+        std::fs::write(&host, "Dumping finished successfully\n").unwrap();
+        std::os::unix::fs::symlink(&host, d.path().join("dump.log")).unwrap();
+        assert!(validate(&dir, &meta).is_err());
+    }
+
+    #[test]
+    fn parse_is_strict() {
+        let meta = Metadata { format: FORMAT, mode: "network-fs".into(), ..Default::default() };
+        let bytes = serde_json::to_vec(&meta).unwrap();
+        assert_eq!(Metadata::parse(&bytes), Ok(meta.clone()));
+        let mut value = serde_json::to_value(&meta).unwrap();
+        value["runc_flags"] = serde_json::json!(["--bundle", "/"]);
+        assert!(Metadata::parse(&serde_json::to_vec(&value).unwrap()).unwrap_err().contains("runc_flags"));
+        let mut value = serde_json::to_value(&meta).unwrap();
+        value["options"]["privileged"] = serde_json::json!(true);
+        assert!(Metadata::parse(&serde_json::to_vec(&value).unwrap()).is_err());
+        let old = serde_json::json!({"format": 1, "runc_flags": ["--file-locks"]});
+        assert!(Metadata::parse(&serde_json::to_vec(&old).unwrap()).unwrap_err().contains("format 1"));
+        let mut value = serde_json::to_value(&meta).unwrap();
+        value["mode"] = serde_json::json!("/etc");
+        assert!(Metadata::parse(&serde_json::to_vec(&value).unwrap()).is_err());
+        assert!(Metadata::parse(&vec![b' '; MAX_BYTES as usize + 1]).unwrap_err().contains("allowed"));
+    }
+
+    #[test]
+    fn options_come_from_the_allow_list_only() {
+        let o = CriuOptions::from_flags(&["--file-locks", "--tcp-established"]).unwrap();
+        assert_eq!(o.flags(), ["--tcp-established", "--file-locks"]);
+        assert!(CriuOptions::from_flags(&["--image-path=/etc"]).is_err());
+        assert!(CriuOptions::from_flags(&["--bundle"]).is_err());
+        assert_eq!(CriuOptions::default().flags(), Vec::<&str>::new());
     }
 }

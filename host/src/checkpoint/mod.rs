@@ -6,21 +6,21 @@
 pub mod catalog;
 pub mod freeze;
 pub mod key;
+pub mod manifest;
 pub mod metadata;
 pub mod rootfs;
 pub mod scratch;
 pub mod store;
+pub mod untrusted;
 
 use crate::config::{Config, Mode};
 use key::Location;
-use metadata::Metadata;
+use metadata::{CriuOptions, Metadata};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use store::{Generation, Store};
-
-/// runc checkpoint flags a module may add (each mirrored at restore).
-pub const ALLOWED_FLAGS: &[&str] = &["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks"];
 
 /// The container a checkpoint or restore is for, and where its key lives.
 pub struct Target<'a> {
@@ -38,8 +38,8 @@ pub struct TakeRequest<'a> {
     pub target: Target<'a>,
     pub namespace: &'a str,
     pub leave_running: bool,
-    /// From [`ALLOWED_FLAGS`].
-    pub extra_flags: &'a [String],
+    /// Options the module asked for, on top of the host's `checkpoint_flags`.
+    pub options: CriuOptions,
     /// containerd's `--image-path`: it imports the CRIU images from there.
     pub export_images_to: Option<&'a Path>,
 }
@@ -56,6 +56,9 @@ pub enum TakeError {
     #[error("{0}")]
     Incomplete(String),
 }
+
+/// A CPU description is a few KiB.
+const MAX_CPUINFO_BYTES: u64 = 1 << 20;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -81,25 +84,41 @@ pub struct Taken {
 }
 
 pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
-    let store = Store::new(&req.target.location.dir);
+    let store = Store::new(req.target.location);
     let _lock =
         store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.target.location.dir.display())))?;
     scratch::clean(req.target.config);
     let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
     let pending = store.begin(&name).map_err(|e| TakeError::NotRun(format!("creating a generation: {e}")))?;
-    let result = take_into(req, &store, &pending, &name);
+    let result = take_into(req, &store, &pending);
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&pending);
+        let _ = pending.remove();
     }
     result
 }
 
-fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Result<Taken, TakeError> {
+/// The host's `checkpoint_flags` (those in the allow-list; others are
+/// ignored, so that a dump never uses an option its restore would not mirror)
+/// and the module's options.
+fn options(config: &Config, asked: CriuOptions) -> CriuOptions {
+    let mut host = CriuOptions::default();
+    for flag in &config.checkpoint_flags {
+        match CriuOptions::from_flags(std::slice::from_ref(flag)) {
+            Ok(o) => host = CriuOptions::from_flags(&[host.flags(), o.flags()].concat()).unwrap_or(host),
+            Err(e) => tracing::warn!("checkpoint_flags: {e}; ignored"),
+        }
+    }
+    CriuOptions::from_flags(&[host.flags(), asked.flags()].concat()).unwrap_or(host)
+}
+
+fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Taken, TakeError> {
+    let name = pending.name.as_str();
     let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
+    let options = options(req.target.config, req.options);
     // CRIU writes many small files: on a network FS they go to local staging
     // first and reach the share as one archive.
     let local = match req.target.location.mode {
-        Mode::Basic => pending.to_path_buf(),
+        Mode::Basic => pending.dir.clone(),
         Mode::NetworkFs => req.target.config.state_dir.join("staging").join(name),
     };
     let images = local.join("images");
@@ -121,8 +140,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     if req.leave_running {
         argv.push("--leave-running".into());
     }
-    argv.extend(req.target.config.checkpoint_flags.iter().cloned());
-    argv.extend(req.extra_flags.iter().cloned());
+    argv.extend(options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
     let status = crate::runc::run(req.target.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
@@ -143,7 +161,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
             Mode::NetworkFs => "network-fs".into(),
         },
         leave_running: req.leave_running,
-        runc_flags: req.target.config.checkpoint_flags.iter().chain(req.extra_flags).cloned().collect(),
+        options,
         ..Default::default()
     };
     meta.phases_ms.insert("dump".into(), dump_ms);
@@ -166,35 +184,36 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
             let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e))?;
             let bytes = if !leave_running {
                 // Stopped by CRIU: nothing changes the layer any more; stream it.
-                rootfs::capture(upper, &survey, pending).map_err(|e| incomplete("capturing the rootfs", &e))?
+                rootfs::capture(upper, &survey, pending.pinned()).map_err(|e| incomplete("capturing the rootfs", &e))?
             } else {
                 // Still running: freeze only for an uncompressed copy (it must
                 // match the memory image), in memory when it fits; compress
                 // once the container runs again.
                 let staged = freeze_staging(req.target.config, survey.bytes, name)
                     .unwrap_or_else(|| local.join("rootfs-diff.tar"));
-                let copied = rootfs::stage(upper, &survey, pending, &staged);
+                let copied = rootfs::stage(upper, &survey, pending.pinned(), &staged);
                 meta.phases_ms.insert("rootfs_copy".into(), ms(started));
                 frozen.thaw();
                 meta.phases_ms.insert("freeze".into(), ms(frozen_at));
-                let compressed = copied.and_then(|()| rootfs::compress(&staged, pending));
+                let compressed = copied.and_then(|()| rootfs::compress(&staged, pending.pinned()));
                 let _ = std::fs::remove_file(&staged);
                 compressed.map_err(|e| incomplete("copying the rootfs", &e))?
             };
-            Some((bytes, survey.manifest))
+            Some((bytes, survey.manifest, survey.bytes))
         }
     };
     if upper.is_none() && req.leave_running {
         frozen.thaw();
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
-    if let Some((bytes, manifest)) = captured {
+    if let Some((bytes, manifest, content)) = captured {
         meta.rootfs_archive_bytes = Some(bytes);
         meta.rootfs_files = manifest.files;
+        meta.rootfs_bytes = content;
     }
     meta.phases_ms.insert("rootfs".into(), ms(started));
 
-    std::fs::copy(work.join("dump.log"), pending.join("dump.log")).map_err(|e| incomplete("dump.log", &e))?;
+    copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| incomplete("dump.log", &e))?;
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
         tracing::warn!(error = %e, "criu cpuinfo dump");
     }
@@ -205,13 +224,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     if req.target.location.mode == Mode::NetworkFs {
         let started = Instant::now();
         // The CPU record stays readable without unpacking, for `check_compatible`.
-        if let Err(e) = std::fs::copy(images.join("cpuinfo.img"), pending.join("cpuinfo.img")) {
+        if let Err(e) = copy_in(&images.join("cpuinfo.img"), pending, "cpuinfo.img") {
             tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive");
         }
-        let archive = pending.join("images.tar.zst");
-        pack(&images, &archive).map_err(|e| incomplete("packing the images", &e))?;
-        meta.images_archive_bytes =
-            Some(std::fs::metadata(&archive).map_err(|e| incomplete("images.tar.zst", &e))?.len());
+        let archive = pending.pinned().create("images.tar.zst").map_err(|e| incomplete("images.tar.zst", &e))?;
+        let bytes = pack(&images, archive).map_err(|e| incomplete("packing the images", &e))?;
+        meta.images_archive_bytes = Some(bytes);
         meta.phases_ms.insert("pack".into(), ms(started));
     }
     let (kernel, host, cpu) = metadata::host_facts();
@@ -219,12 +237,15 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Path, name: &str) -> Re
     meta.runc_version = metadata::tool_version(path_str(req.target.runc));
     meta.criu_version = metadata::tool_version("criu");
     let started = Instant::now();
-    std::fs::write(pending.join("metadata.json"), serde_json::to_vec_pretty(&meta).unwrap_or_default())
-        .map_err(|e| incomplete("metadata.json", &e))?;
-    metadata::validate(pending, &meta).map_err(|e| incomplete("validating the new generation", &e))?;
+    pending
+        .pinned()
+        .create(metadata::FILE)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&meta).unwrap_or_default()))
+        .map_err(|e| incomplete(metadata::FILE, &e))?;
+    metadata::validate(pending.pinned(), &meta).map_err(|e| incomplete("validating the new generation", &e))?;
     meta.phases_ms.insert("validate".into(), ms(started));
     let started = Instant::now();
-    let gen = store.publish(pending, name).map_err(|e| incomplete("publishing", &e))?;
+    let gen = store.publish(pending).map_err(|e| incomplete("publishing", &e))?;
     meta.phases_ms.insert("publish".into(), ms(started));
     meta.phases_ms.insert("total".into(), ms(frozen_at));
     record_phases(req.target.config, "checkpoint", &meta.phases_ms);
@@ -279,6 +300,11 @@ impl Drop for StagingGuard {
     }
 }
 
+/// Copies a local file of ours into a generation, as a new file there.
+fn copy_in(from: &Path, gen: &Generation, name: &str) -> std::io::Result<u64> {
+    std::io::copy(&mut std::fs::File::open(from)?, &mut gen.pinned().create(name)?)
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -301,33 +327,67 @@ fn export_images(images: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `tar -C dir -c . | zstd -1 -T0 > archive`.
-fn pack(dir: &Path, archive: &Path) -> anyhow::Result<()> {
+/// `tar -C dir -c . | zstd -1 -T0 > archive`; returns the archive's size.
+fn pack(dir: &Path, archive: std::fs::File) -> anyhow::Result<u64> {
     let mut tar = Command::new("tar").arg("-C").arg(dir).args(["-cf", "-", "."]).stdout(Stdio::piped()).spawn()?;
+    let written = archive.try_clone()?;
     let zstd = rootfs::zstd_to(archive, Stdio::from(tar.stdout.take().expect("piped")))?;
     anyhow::ensure!(tar.wait()?.success(), "tar of {} failed", dir.display());
-    rootfs::finish_zstd(zstd)
+    rootfs::finish_zstd(zstd)?;
+    Ok(written.metadata()?.len())
 }
 
-/// `zstd -dc archive | tar -C dir -x`.
-fn unpack(archive: &Path, dir: &Path) -> anyhow::Result<()> {
+/// CRIU writes a few dozen image files; anything near this was not CRIU.
+const MAX_IMAGE_FILES: u64 = 100_000;
+
+/// `zstd -dc archive | tar -x` into `dir`, in process: only regular files
+/// with plain names (CRIU's images; never a link, a device or a path), at
+/// most `bytes` of content in all, and only if the disk has room for them.
+fn unpack(archive: std::fs::File, dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
     crate::container::create_private_dir(dir)?;
+    untrusted::ensure_room(dir, bytes)?;
     let mut zstd = rootfs::zstd_from(archive)?;
-    let tar =
-        Command::new("tar").arg("-C").arg(dir).args(["-xf", "-"]).stdin(zstd.stdout.take().expect("piped")).output()?;
-    rootfs::finish_zstd(zstd)?;
-    anyhow::ensure!(
-        tar.status.success(),
-        "untar into {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&tar.stderr).trim()
-    );
-    Ok(())
+    let stream =
+        untrusted::Capped::new(zstd.stdout.take().expect("piped"), untrusted::tar_bound(bytes, MAX_IMAGE_FILES));
+    let result = (|| -> anyhow::Result<()> {
+        let mut tar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
+        let mut content = 0u64;
+        for entry in tar.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            let kind = entry.header().entry_type();
+            let name = match path
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect::<Vec<_>>()[..]
+            {
+                [] if kind.is_dir() => continue,
+                [std::path::Component::Normal(name)] if kind.is_file() => name.to_owned(),
+                _ => anyhow::bail!("images archive: {path:?} is not a plain image file"),
+            };
+            content = content.saturating_add(entry.size());
+            anyhow::ensure!(content <= bytes, "images archive holds more than the {bytes} bytes recorded");
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(&name))
+                .with_context(|| format!("{}", dir.join(&name).display()))?;
+            std::io::copy(&mut entry, &mut out)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = zstd.kill();
+    }
+    let zstd_result = rootfs::finish_zstd(zstd);
+    result?;
+    zstd_result
 }
 
 /// The newest published generations of a location, newest first.
 pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
-    let store = Store::new(&location.dir);
+    let store = Store::new(location);
     if let Some(done) = store.completed() {
         tracing::info!(key = %location.key, exit_status = done.exit_status,
             "this key's job has finished: its checkpoints are kept until they expire, not restored");
@@ -337,7 +397,7 @@ pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Resu
         .generations()?
         .into_iter()
         .map(|g| {
-            let meta = Store::metadata(&g).and_then(|m| metadata::validate(&g.dir, &m).map(|()| m));
+            let meta = Store::metadata(&g).and_then(|m| metadata::validate(g.pinned(), &m).map(|()| m));
             (g, meta)
         })
         .collect())
@@ -351,9 +411,18 @@ pub fn check_compatible(gen: &Generation, meta: &Metadata) -> Result<(), String>
     if major(&local) != major(&meta.criu_version) {
         return Err(format!("checkpoint taken with CRIU {}, this machine has {local}", meta.criu_version));
     }
-    let cpuinfo_dir = [gen.dir.clone(), gen.dir.join("images")].into_iter().find(|d| d.join("cpuinfo.img").is_file());
-    if let Some(dir) = cpuinfo_dir {
-        let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(dir).output();
+    // CRIU reads the file by path: it gets a private copy of it, read here without following links.
+    let cpuinfo = gen.pinned().read("cpuinfo.img", MAX_CPUINFO_BYTES).or_else(|_| {
+        gen.pinned()
+            .dir("images", false)
+            .map_err(|e| e.to_string())?
+            .read("cpuinfo.img", MAX_CPUINFO_BYTES)
+            .map_err(|e| e.to_string())
+    });
+    if let Ok(cpuinfo) = cpuinfo {
+        let dir = tempfile::Builder::new().prefix("arch-cpuinfo").tempdir().map_err(|e| format!("cpuinfo: {e}"))?;
+        std::fs::write(dir.path().join("cpuinfo.img"), cpuinfo).map_err(|e| format!("cpuinfo: {e}"))?;
+        let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(dir.path()).output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => return Err(format!("criu cpuinfo check: {}", String::from_utf8_lossy(&o.stderr).trim())),
@@ -372,33 +441,43 @@ pub struct RestoreRequest<'a> {
 /// Restores the container from generation `name`: puts its writable layer
 /// back, then `runc restore --detach` with the new bundle. Returns runc's status.
 pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
-    let store = Store::new(&req.target.location.dir);
+    let store = Store::new(req.target.location);
     let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.target.location.dir.display()))?;
     scratch::clean(req.target.config);
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     let restore_started = Instant::now();
     let mut phases = std::collections::BTreeMap::new();
     let meta = Store::metadata(&gen)?;
-    metadata::validate(&gen.dir, &meta)?;
+    metadata::validate(gen.pinned(), &meta)?;
     phases.insert("validate".to_owned(), ms(restore_started));
     let staging =
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
+    let mut _images_dir = None;
     let images = match meta.images_archive_bytes {
         Some(_) => {
             let started = Instant::now();
             let images = staging.join("images");
-            unpack(&gen.dir.join("images.tar.zst"), &images).map_err(|e| format!("{e:#}"))?;
+            let (archive, _) = gen.pinned().open("images.tar.zst").map_err(|e| e.to_string())?;
+            unpack(archive, &images, meta.images_bytes).map_err(|e| format!("{e:#}"))?;
             phases.insert("unpack".to_owned(), ms(started));
             images
         }
-        None => gen.dir.join("images"),
+        None => {
+            // CRIU reads them by path: through a pinned directory, never a planted link.
+            let dir = gen.pinned().dir("images", false).map_err(|e| format!("images: {e}"))?;
+            let path = dir.path().to_path_buf();
+            _images_dir = Some(dir);
+            path
+        }
     };
     let work = staging.join("work");
     crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
     if meta.rootfs_archive_bytes.is_some() {
         let started = Instant::now();
-        rootfs::apply(&gen.dir, &req.target.bundle.join("rootfs")).map_err(|e| format!("{e:#}"))?;
+        let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
+        rootfs::apply(gen.pinned(), &req.target.bundle.join("rootfs"), &staging, meta.rootfs_bytes, limit)
+            .map_err(|e| format!("{e:#}"))?;
         tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
         phases.insert("rootfs".to_owned(), ms(started));
     }
@@ -416,7 +495,8 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         ],
     );
     argv.extend(req.create_flags.iter().cloned());
-    argv.extend(meta.runc_flags.iter().cloned());
+    // Only ARCH's own allow-list becomes flags: nothing read from the generation does.
+    argv.extend(meta.options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
     let status = crate::runc::run(req.target.runc, &argv).map_err(|e| e.to_string())?;
@@ -435,7 +515,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
 
 /// Moves a generation aside after it failed to restore.
 pub fn quarantine(location: &Location, name: &str, reason: &str) -> Result<(), String> {
-    let store = Store::new(&location.dir);
+    let store = Store::new(location);
     let _lock = store.lock().map_err(|e| e.to_string())?;
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     store.quarantine(&gen, reason).map_err(|e| e.to_string())

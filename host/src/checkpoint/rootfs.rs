@@ -12,8 +12,10 @@
 //! that symlinks in the container's files (which the container controls)
 //! resolve inside it and can never make root write outside it.
 
+use super::untrusted::Pinned;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -26,12 +28,44 @@ pub const HELPER_ARGV0: &str = "arch-runc:apply-rootfs";
 pub const ARCHIVE: &str = "rootfs-diff.tar.zst";
 pub const MANIFEST: &str = "rootfs-diff.json";
 
+/// Far more than any real layer lists; anything larger was not written by ARCH.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+const MAX_PATH_BYTES: usize = 4096;
+
 /// Deletions to replay before unpacking, as paths relative to the rootfs.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub whiteouts: Vec<PathBuf>,
     pub opaque_dirs: Vec<PathBuf>,
     pub files: u64,
+}
+
+impl Manifest {
+    /// Parses a diff list read from a checkpoint root and checks every path
+    /// in it, so that a bad one is refused before anything is changed.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<Manifest> {
+        anyhow::ensure!(
+            bytes.len() as u64 <= MAX_MANIFEST_BYTES,
+            "{MANIFEST}: {} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
+            bytes.len()
+        );
+        let manifest: Manifest = serde_json::from_slice(bytes).context(MANIFEST)?;
+        for path in manifest.whiteouts.iter().chain(&manifest.opaque_dirs) {
+            check_path(path)?;
+        }
+        Ok(manifest)
+    }
+}
+
+/// A path inside the rootfs: relative, plain names only (no `..`, no root,
+/// no empty name), of a sane length.
+fn check_path(path: &Path) -> anyhow::Result<()> {
+    let bytes = path.as_os_str().as_bytes();
+    let plain = path.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        && path.components().any(|c| matches!(c, std::path::Component::Normal(_)));
+    anyhow::ensure!(plain && bytes.len() <= MAX_PATH_BYTES && !bytes.contains(&0), "bad path {path:?} in {MANIFEST}");
+    Ok(())
 }
 
 /// The overlay upperdir mounted at `rootfs`, from /proc/self/mountinfo.
@@ -154,15 +188,15 @@ fn finish_tar(tar: std::process::Child, writer: std::thread::JoinHandle<std::io:
     Ok(())
 }
 
-/// Starts `zstd -1 -T0` compressing `input` into a new private file `archive`.
-pub(super) fn zstd_to(archive: &Path, input: Stdio) -> std::io::Result<std::process::Child> {
-    let out = crate::container::private_file(archive)?;
-    Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).stdin(input).stdout(out).stderr(Stdio::piped()).spawn()
+/// Starts `zstd -1 -T0` compressing `input` into `archive` (a new file of ours).
+pub(super) fn zstd_to(archive: File, input: Stdio) -> std::io::Result<std::process::Child> {
+    Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).stdin(input).stdout(archive).stderr(Stdio::piped()).spawn()
 }
 
-/// Starts `zstd -d` decompressing `archive` to a pipe on its stdout.
-pub(super) fn zstd_from(archive: &Path) -> std::io::Result<std::process::Child> {
-    Command::new("zstd").args(["-d", "-c", "-q"]).arg(archive).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+/// Starts `zstd -d` decompressing `archive` (opened by us, so zstd never
+/// resolves a path in the checkpoint root) to a pipe on its stdout.
+pub(super) fn zstd_from(archive: File) -> std::io::Result<std::process::Child> {
+    Command::new("zstd").args(["-d", "-c", "-q"]).stdin(archive).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
 }
 
 pub(super) fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
@@ -171,43 +205,62 @@ pub(super) fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Archives `upper` straight into `<dir>/rootfs-diff.tar.zst` (tar | zstd),
-/// for a container that no longer runs. Returns the size and the manifest.
-pub fn capture(upper: &Path, survey: &Survey, dir: &Path) -> anyhow::Result<u64> {
-    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&survey.manifest)?)?;
-    let archive = dir.join(ARCHIVE);
-    let (mut tar, writer) = spawn_tar(upper, &survey.files, Stdio::piped())?;
-    let zstd = zstd_to(&archive, Stdio::from(tar.stdout.take().expect("piped")))?;
-    finish_tar(tar, writer)?;
-    finish_zstd(zstd)?;
-    Ok(std::fs::metadata(&archive)?.len())
+/// Writes the diff list into a generation.
+fn write_manifest(dir: &Pinned, manifest: &Manifest) -> anyhow::Result<()> {
+    dir.create(MANIFEST)?.write_all(&serde_json::to_vec(manifest)?)?;
+    Ok(())
 }
 
-/// Copies `upper` into the uncompressed tar `staged` (and writes the
-/// manifest into `dir`): the part that needs a running container frozen.
-pub fn stage(upper: &Path, survey: &Survey, dir: &Path, staged: &Path) -> anyhow::Result<()> {
-    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&survey.manifest)?)?;
+/// Archives `upper` straight into `<dir>/rootfs-diff.tar.zst` (tar | zstd),
+/// for a container that no longer runs. Returns the archive's size.
+pub fn capture(upper: &Path, survey: &Survey, dir: &Pinned) -> anyhow::Result<u64> {
+    write_manifest(dir, &survey.manifest)?;
+    let archive = dir.create(ARCHIVE)?;
+    let written = archive.try_clone()?;
+    let (mut tar, writer) = spawn_tar(upper, &survey.files, Stdio::piped())?;
+    let zstd = zstd_to(archive, Stdio::from(tar.stdout.take().expect("piped")))?;
+    finish_tar(tar, writer)?;
+    finish_zstd(zstd)?;
+    Ok(written.metadata()?.len())
+}
+
+/// Copies `upper` into the uncompressed local tar `staged` (and writes the
+/// diff list into `dir`): the part that needs a running container frozen.
+pub fn stage(upper: &Path, survey: &Survey, dir: &Pinned, staged: &Path) -> anyhow::Result<()> {
+    write_manifest(dir, &survey.manifest)?;
     let (tar, writer) = spawn_tar(upper, &survey.files, Stdio::from(crate::container::private_file(staged)?))?;
     finish_tar(tar, writer)
 }
 
 /// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst`, removes the
 /// staged tar, and returns the archive's size.
-pub fn compress(staged: &Path, dir: &Path) -> anyhow::Result<u64> {
-    let archive = dir.join(ARCHIVE);
-    finish_zstd(zstd_to(&archive, Stdio::from(std::fs::File::open(staged)?))?)?;
+pub fn compress(staged: &Path, dir: &Pinned) -> anyhow::Result<u64> {
+    let archive = dir.create(ARCHIVE)?;
+    let written = archive.try_clone()?;
+    finish_zstd(zstd_to(archive, Stdio::from(File::open(staged)?))?)?;
     let _ = std::fs::remove_file(staged);
-    Ok(std::fs::metadata(&archive)?.len())
+    Ok(written.metadata()?.len())
 }
 
 /// Puts a captured layer back: replays deletions, then unpacks, inside
 /// `rootfs` (the new container's merged view), via the chrooted helper.
-pub fn apply(dir: &Path, rootfs: &Path) -> anyhow::Result<()> {
-    let mut zstd = zstd_from(&dir.join(ARCHIVE))?;
+/// The diff list is read without following links, every path in it checked
+/// before anything changes, and handed to the helper as a private copy in `scratch`.
+/// `content` is the layer's recorded file bytes (the disk must have room for
+/// them) and `limit` the most its tar stream may hold: more is refused.
+pub fn apply(dir: &Pinned, rootfs: &Path, scratch: &Path, content: u64, limit: u64) -> anyhow::Result<()> {
+    super::untrusted::ensure_room(rootfs, content)?;
+    let manifest = Manifest::parse(&dir.read(MANIFEST, MAX_MANIFEST_BYTES)?)?;
+    crate::container::create_private_dir(scratch)?;
+    let checked = scratch.join(MANIFEST);
+    crate::container::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
+    let (archive, _) = dir.open(ARCHIVE)?;
+    let mut zstd = zstd_from(archive)?;
     let helper = Command::new("/proc/self/exe")
         .arg0(HELPER_ARGV0)
         .arg(rootfs)
-        .arg(dir.join(MANIFEST))
+        .arg(&checked)
+        .arg(limit.to_string())
         .stdin(zstd.stdout.take().expect("piped"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -237,17 +290,13 @@ pub fn helper_main(args: &[std::ffi::OsString]) -> i32 {
 }
 
 fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
-    let [_, rootfs, manifest] = args else { anyhow::bail!("usage: {HELPER_ARGV0} ROOTFS MANIFEST") };
-    let manifest: Manifest = serde_json::from_slice(&std::fs::read(manifest)?)?;
+    let [_, rootfs, manifest, limit] = args else { anyhow::bail!("usage: {HELPER_ARGV0} ROOTFS MANIFEST LIMIT") };
+    let limit: u64 = limit.to_str().and_then(|l| l.parse().ok()).context("LIMIT is a number of bytes")?;
+    // Every path is checked here, before the first change.
+    let manifest = Manifest::parse(&std::fs::read(manifest)?)?;
     std::os::unix::fs::chroot(rootfs)?;
     std::env::set_current_dir("/")?;
-    let inside = |p: &Path| -> anyhow::Result<PathBuf> {
-        anyhow::ensure!(
-            p.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)),
-            "bad path {p:?} in manifest"
-        );
-        Ok(Path::new("/").join(p))
-    };
+    let inside = |p: &Path| -> anyhow::Result<PathBuf> { Ok(Path::new("/").join(p)) };
     for dir in &manifest.opaque_dirs {
         let dir = inside(dir)?;
         if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -260,7 +309,9 @@ fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         remove(&inside(path)?)?;
     }
     // Large reads from the zstd pipe: the layer can be gigabytes.
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock()));
+    // At most what was recorded of the layer: a bomb stops there.
+    let stream = super::untrusted::Capped::new(std::io::stdin().lock(), limit);
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -285,6 +336,21 @@ fn remove(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn diff_lists_are_checked_whole() {
+        let ok = br#"{"whiteouts":["a/b","c"],"opaque_dirs":["d"],"files":3}"#;
+        assert_eq!(Manifest::parse(ok).unwrap().whiteouts.len(), 2);
+        for bad in [
+            r#"{"whiteouts":["a","../etc"],"opaque_dirs":[],"files":0}"#,
+            r#"{"whiteouts":[],"opaque_dirs":["bin","/etc"],"files":0}"#,
+            r#"{"whiteouts":[""],"opaque_dirs":[],"files":0}"#,
+            r#"{"whiteouts":["."],"opaque_dirs":[],"files":0}"#,
+            r#"{"whiteouts":[],"opaque_dirs":[],"files":0,"exec":"sh"}"#,
+        ] {
+            assert!(Manifest::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn mountinfo_escapes() {

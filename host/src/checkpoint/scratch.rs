@@ -61,7 +61,7 @@ pub fn clean(config: &Config) -> usize {
                 Ok(()) => {
                     removed += 1;
                     tracing::info!(path = %entry.path().display(), pid, "removed what a killed run left");
-                    count(config, kind);
+                    count(config, kind, 1);
                 }
                 Err(e) => {
                     tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a killed run's scratch")
@@ -72,8 +72,8 @@ pub fn clean(config: &Config) -> usize {
     removed
 }
 
-fn count(config: &Config, kind: &str) {
-    crate::metrics::Metrics::new(config).count("arch_leftovers_removed_total", &[("kind", kind)], 1);
+fn count(config: &Config, kind: &str, n: u64) {
+    crate::metrics::Metrics::new(config).count("arch_leftovers_removed_total", &[("kind", kind)], n);
 }
 
 /// Removes the pending generations of every key that no checkpoint holds
@@ -83,21 +83,18 @@ pub fn clean_pending(config: &Config) -> usize {
     let Ok(keys) = super::catalog::keys(config) else { return 0 };
     let mut removed = 0;
     for location in keys {
-        let store = Store::new(&location.dir);
-        let pending = store.pending();
-        if pending.is_empty() {
+        let store = Store::new(&location);
+        if store.pending().is_empty() {
             continue;
         }
         let Ok(Some(_lock)) = store.try_lock() else { continue };
-        for dir in store.pending() {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {
-                    removed += 1;
-                    tracing::info!(path = %dir.display(), "removed a killed checkpoint's pending generation");
-                    count(config, "pending");
-                }
-                Err(e) => tracing::warn!(path = %dir.display(), error = %e, "could not remove a pending generation"),
+        match store.remove_pending() {
+            Ok(n) => {
+                removed += n;
+                tracing::info!(key = %location.key, removed = n, "removed killed checkpoints' pending generations");
+                count(config, "pending", n as u64);
             }
+            Err(e) => tracing::warn!(key = %location.key, error = %e, "could not remove pending generations"),
         }
     }
     removed
@@ -173,8 +170,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let config =
             Config { checkpoint_dir: d.path().join("ck"), network_fs_dir: d.path().join("nfs"), ..Default::default() };
-        let a = Store::new(&config.checkpoint_dir.join("ns/a"));
-        let b = Store::new(&config.checkpoint_dir.join("ns/b"));
+        let at = |key: &str| crate::checkpoint::key::locate(&config, "ns", key, &[]).unwrap();
+        let (a, b) = (Store::new(&at("a")), Store::new(&at("b")));
         for store in [&a, &b] {
             std::fs::create_dir_all(store.arch_dir().join("pending-gen-1-1/images")).unwrap();
         }

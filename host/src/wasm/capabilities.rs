@@ -262,16 +262,17 @@ impl checkpoints::Host for HostState {
             Ok(l) => l,
             Err(e) => return Ok(Err(CheckpointError::NotRun(e))),
         };
-        if let Some(bad) = options.runc_flags.iter().find(|f| !checkpoint::ALLOWED_FLAGS.contains(&f.as_str())) {
-            return Ok(Err(CheckpointError::NotRun(format!("runc flag {bad} is not allowed"))));
-        }
+        let criu_options = match checkpoint::metadata::CriuOptions::from_flags(&options.runc_flags) {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(CheckpointError::NotRun(e))),
+        };
         let export =
             options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
         let request = checkpoint::TakeRequest {
             target: ctx.target(&location),
             namespace: &ctx.namespace,
             leave_running: options.leave_running,
-            extra_flags: &options.runc_flags,
+            options: criu_options,
             export_images_to: export,
         };
         let started = std::time::Instant::now();
@@ -309,7 +310,7 @@ impl checkpoints::Host for HostState {
 
     fn check(&mut self, name: String) -> wasmtime::Result<Result<(), String>> {
         Ok(self.ctx.location().and_then(|location| {
-            let gen = checkpoint::store::Store::new(&location.dir)
+            let gen = checkpoint::store::Store::new(&location)
                 .generation(&name)
                 .ok_or_else(|| format!("no generation {name}"))?;
             checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta))
