@@ -38,6 +38,9 @@ fn replace_with_symlink(path: &Path, target: &Path) {
     std::os::unix::fs::symlink(target, path).unwrap();
 }
 
+/// What turns a copy of a real generation into a hostile one.
+type Mutation<'a> = Box<dyn FnOnce(&Path) + 'a>;
+
 #[test]
 fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
     if !ready_for_checkpoints() {
@@ -62,7 +65,7 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
     let victim = host.path().join("victim");
     let evil_bundle = host.path().join("bundle");
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>)> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         // runc flags from metadata would reach `runc restore` and win: now a format error.
         (
             "runc flags in metadata",

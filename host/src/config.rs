@@ -50,6 +50,10 @@ pub struct Config {
     pub module_memory_mib: usize,
     /// Flags added to every `runc checkpoint` (and mirrored at restore).
     pub checkpoint_flags: Vec<String>,
+    /// A root-only file holding the fleet key (32 bytes, raw or as 64 hex
+    /// digits): every generation's manifest is tagged with it, and a
+    /// generation without a valid tag is never restored.
+    pub fleet_key_file: Option<PathBuf>,
     /// Published generations kept per key.
     pub keep_generations: usize,
     /// Where a running container's layer is copied while it is frozen
@@ -93,6 +97,7 @@ impl Default for Config {
             module_fuel: 500_000_000,
             module_memory_mib: 64,
             checkpoint_flags: vec!["--file-locks".into()],
+            fleet_key_file: None,
             keep_generations: 2,
             freeze_staging_dir: "/dev/shm/arch".into(),
             cloudwatch_emf_file: None,

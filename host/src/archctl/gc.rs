@@ -47,7 +47,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     let mut plan: Vec<Plan> = Vec::new();
     let mut removals = Vec::new();
     for location in catalog::keys(config).context("listing checkpoint keys")? {
-        let summary = catalog::summarize(&location).with_context(|| format!("reading key {}", location.key))?;
+        let summary = catalog::summarize(&location, config).with_context(|| format!("reading key {}", location.key))?;
         let expired = summary.completed.as_ref().is_some_and(|c| c.expired(now));
         let older =
             |g: &GenerationInfo| args.ttl.is_some_and(|ttl| g.created_unix_ms.is_some_and(|c| c + ttl * 1000 <= now));

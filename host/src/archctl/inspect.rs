@@ -12,7 +12,7 @@ pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
     let locations = args.locate(config)?;
     let mut summaries = Vec::new();
     for location in &locations {
-        summaries.push(catalog::summarize(location).with_context(|| format!("reading key {}", location.key))?);
+        summaries.push(catalog::summarize(location, config).with_context(|| format!("reading key {}", location.key))?);
     }
     if args.json {
         output::print_json(&summaries)?;

@@ -14,7 +14,7 @@ pub struct Args {
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     let mut summaries = Vec::new();
     for location in catalog::keys(config).context("listing checkpoint keys")? {
-        summaries.push(catalog::summarize(&location).with_context(|| format!("reading key {}", location.key))?);
+        summaries.push(catalog::summarize(&location, config).with_context(|| format!("reading key {}", location.key))?);
     }
     if args.json {
         // The list stays small: generation metadata is `inspect`'s.

@@ -45,7 +45,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     let mut results = Vec::new();
     for (location, gen) in work {
         bar.set_message(format!("validating {}/{}", location.key, gen.name));
-        let outcome = catalog::validate_deep(&gen);
+        let outcome = catalog::validate_deep(&gen, config);
         results.push(Checked {
             key: location.key.clone(),
             mode: catalog::mode_name(location.mode),

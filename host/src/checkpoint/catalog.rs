@@ -2,7 +2,7 @@
 //! holds, and removing them. Used by `archctl` and by the lifecycle policy.
 
 use super::key::{self, Location};
-use super::metadata::{self, Metadata};
+use super::metadata::Metadata;
 use super::store::{Completed, Generation, Store};
 use super::untrusted::Pinned;
 use crate::config::{Config, Mode};
@@ -125,10 +125,10 @@ pub fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-fn info(gen: &Generation, quarantine_reason: Option<String>) -> GenerationInfo {
+fn info(gen: &Generation, quarantine_reason: Option<String>, config: &Config) -> GenerationInfo {
     let meta = Store::metadata(gen);
     let problem = match &meta {
-        Ok(m) if quarantine_reason.is_none() => metadata::validate(gen.pinned(), m).err(),
+        Ok(_) if quarantine_reason.is_none() => super::verify(gen, config).err(),
         Ok(_) => None,
         Err(e) => Some(e.clone()),
     };
@@ -150,11 +150,11 @@ fn created_from_name(name: &str) -> Option<u64> {
     name.strip_prefix("gen-")?.split('-').next()?.parse().ok()
 }
 
-pub fn summarize(location: &Location) -> std::io::Result<Summary> {
+pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summary> {
     let store = Store::new(location);
-    let generations: Vec<GenerationInfo> = store.generations()?.iter().map(|g| info(g, None)).collect();
+    let generations: Vec<GenerationInfo> = store.generations()?.iter().map(|g| info(g, None, config)).collect();
     let quarantined: Vec<GenerationInfo> =
-        store.quarantined()?.iter().map(|(g, why)| info(g, Some(why.trim().to_owned()))).collect();
+        store.quarantined()?.iter().map(|(g, why)| info(g, Some(why.trim().to_owned()), config)).collect();
     let completed = store.completed();
     let status = match (generations.first(), &completed) {
         (_, Some(_)) => "completed",
@@ -192,11 +192,11 @@ pub fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Deep validation of one generation: the cheap checks, then every archive
-/// read through (zstd checks its frame checksums).
-pub fn validate_deep(gen: &Generation) -> Result<(), String> {
-    let meta = Store::metadata(gen)?;
-    metadata::validate(gen.pinned(), &meta)?;
+/// Deep validation of one generation: the manifest (and its fleet-key tag),
+/// every file against its digest, then every archive read through (zstd
+/// checks its frame checksums).
+pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), String> {
+    super::verify_all(gen, config)?;
     for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
         let file = match gen.pinned().open(archive) {
             Ok((file, _)) => file,
@@ -301,7 +301,7 @@ mod tests {
             [("default/job".into(), "basic"), ("default/job/step".into(), "basic"), ("team/x".into(), "network-fs")]
         );
         let job = find(&config, "default/job", None).unwrap().remove(0);
-        assert_eq!(summarize(&job).unwrap().status, "invalid", "no metadata.json");
+        assert_eq!(summarize(&job, &config).unwrap().status, "invalid", "no metadata.json");
         remove_key(&job, &|_| {}).unwrap();
         assert!(!job.dir.join(".arch").exists());
         assert!(find(&config, "default/job/step", None).is_ok(), "the nested key stays");
@@ -339,6 +339,6 @@ mod tests {
         mark("b", now_ms() + 3_600_000);
         let removed: Vec<_> = expire_completed(&config).unwrap().into_iter().map(|(l, _)| l.key).collect();
         assert_eq!(removed, ["a"]);
-        assert_eq!(summarize(&find(&config, "b", None).unwrap()[0]).unwrap().status, "completed");
+        assert_eq!(summarize(&find(&config, "b", None).unwrap()[0], &config).unwrap().status, "completed");
     }
 }

@@ -15,6 +15,7 @@ pub mod untrusted;
 
 use crate::config::{Config, Mode};
 use key::Location;
+use manifest::{FileEntry, FleetKey, Manifest};
 use metadata::{CriuOptions, Metadata};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,12 @@ pub enum TakeError {
 
 /// A CPU description is a few KiB.
 const MAX_CPUINFO_BYTES: u64 = 1 << 20;
+/// CRIU's log of a dump (verbose logging makes it a few MiB at most).
+const MAX_DUMP_LOG_BYTES: u64 = 64 << 20;
+/// Network FS mode: CRIU's images packed into one archive.
+const IMAGES_ARCHIVE: &str = "images.tar.zst";
+/// Basic mode: CRIU's images as files.
+const IMAGES_DIR: &str = "images";
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -115,6 +122,8 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let name = pending.name.as_str();
     let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
     let options = options(req.target.config, req.options);
+    let fleet_key = fleet_key(req.target.config).map_err(TakeError::NotRun)?;
+    let mut files: Vec<FileEntry> = Vec::new();
     // CRIU writes many small files: on a network FS they go to local staging
     // first and reach the share as one archive.
     let local = match req.target.location.mode {
@@ -182,7 +191,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         (None, _) => None,
         (Some(upper), leave_running) => {
             let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e))?;
-            let bytes = if !leave_running {
+            let archive = if !leave_running {
                 // Stopped by CRIU: nothing changes the layer any more; stream it.
                 rootfs::capture(upper, &survey, pending.pinned()).map_err(|e| incomplete("capturing the rootfs", &e))?
             } else {
@@ -191,7 +200,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
                 // once the container runs again.
                 let staged = freeze_staging(req.target.config, survey.bytes, name)
                     .unwrap_or_else(|| local.join("rootfs-diff.tar"));
-                let copied = rootfs::stage(upper, &survey, pending.pinned(), &staged);
+                let copied = rootfs::stage(upper, &survey, &staged);
                 meta.phases_ms.insert("rootfs_copy".into(), ms(started));
                 frozen.thaw();
                 meta.phases_ms.insert("freeze".into(), ms(frozen_at));
@@ -199,6 +208,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
                 let _ = std::fs::remove_file(&staged);
                 compressed.map_err(|e| incomplete("copying the rootfs", &e))?
             };
+            files.push(
+                rootfs::write_manifest(pending.pinned(), &survey.manifest)
+                    .map_err(|e| incomplete("the diff list", &e))?,
+            );
+            let bytes = archive.size;
+            files.push(archive);
             Some((bytes, survey.manifest, survey.bytes))
         }
     };
@@ -213,7 +228,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     }
     meta.phases_ms.insert("rootfs".into(), ms(started));
 
-    copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| incomplete("dump.log", &e))?;
+    files.push(copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| incomplete("dump.log", &e))?);
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
         tracing::warn!(error = %e, "criu cpuinfo dump");
     }
@@ -224,24 +239,34 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     if req.target.location.mode == Mode::NetworkFs {
         let started = Instant::now();
         // The CPU record stays readable without unpacking, for `check_compatible`.
-        if let Err(e) = copy_in(&images.join("cpuinfo.img"), pending, "cpuinfo.img") {
-            tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive");
+        match copy_in(&images.join("cpuinfo.img"), pending, "cpuinfo.img") {
+            Ok(entry) => files.push(entry),
+            Err(e) => tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive"),
         }
-        let archive = pending.pinned().create("images.tar.zst").map_err(|e| incomplete("images.tar.zst", &e))?;
-        let bytes = pack(&images, archive).map_err(|e| incomplete("packing the images", &e))?;
+        let archive = pending.pinned().create(IMAGES_ARCHIVE).map_err(|e| incomplete(IMAGES_ARCHIVE, &e))?;
+        let (bytes, digest) = pack(&images, archive).map_err(|e| incomplete("packing the images", &e))?;
+        files.push(FileEntry::new(IMAGES_ARCHIVE, bytes, &digest));
         meta.images_archive_bytes = Some(bytes);
         meta.phases_ms.insert("pack".into(), ms(started));
+    } else {
+        // CRIU wrote them into the generation: one read each, from the page cache.
+        let started = Instant::now();
+        files.extend(hash_images(&images).map_err(|e| incomplete("hashing the images", &e))?);
+        meta.phases_ms.insert("digest".into(), ms(started));
     }
     let (kernel, host, cpu) = metadata::host_facts();
     (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
     meta.runc_version = metadata::tool_version(path_str(req.target.runc));
     meta.criu_version = metadata::tool_version("criu");
     let started = Instant::now();
+    let meta_bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     pending
         .pinned()
         .create(metadata::FILE)
-        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&meta).unwrap_or_default()))
+        .and_then(|mut f| f.write_all(&meta_bytes))
         .map_err(|e| incomplete(metadata::FILE, &e))?;
+    files.push(FileEntry::new(metadata::FILE, meta_bytes.len() as u64, &manifest::Digest::of(&meta_bytes)));
+    write_manifest(pending, files, fleet_key.as_ref()).map_err(|e| incomplete("the manifest", &e))?;
     metadata::validate(pending.pinned(), &meta).map_err(|e| incomplete("validating the new generation", &e))?;
     meta.phases_ms.insert("validate".into(), ms(started));
     let started = Instant::now();
@@ -300,9 +325,118 @@ impl Drop for StagingGuard {
     }
 }
 
-/// Copies a local file of ours into a generation, as a new file there.
-fn copy_in(from: &Path, gen: &Generation, name: &str) -> std::io::Result<u64> {
-    std::io::copy(&mut std::fs::File::open(from)?, &mut gen.pinned().create(name)?)
+/// Copies a local file of ours into a generation, as a new file there; its manifest entry.
+fn copy_in(from: &Path, gen: &Generation, name: &str) -> std::io::Result<FileEntry> {
+    let mut writer = manifest::HashingWriter::new(gen.pinned().create(name)?);
+    std::io::copy(&mut std::fs::File::open(from)?, &mut writer)?;
+    let (_, bytes, digest) = writer.finish()?;
+    Ok(FileEntry::new(name, bytes, &digest))
+}
+
+/// Manifest entries for CRIU's image files (Basic mode: they stay files).
+fn hash_images(images: &Path) -> std::io::Result<Vec<FileEntry>> {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        let name = entry.file_name().into_string().map_err(|_| std::io::Error::other("non-UTF-8 image name"))?;
+        let (bytes, digest) = manifest::hash_file(&mut std::fs::File::open(entry.path())?)?;
+        entries.push(FileEntry::new(format!("{IMAGES_DIR}/{name}"), bytes, &digest));
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+/// Writes `manifest.json` (and, with a fleet key, `manifest.tag`) into a pending generation.
+fn write_manifest(gen: &Generation, files: Vec<FileEntry>, key: Option<&FleetKey>) -> anyhow::Result<()> {
+    let manifest = Manifest::new(files);
+    manifest.validate()?;
+    let bytes = manifest.to_bytes();
+    gen.pinned().create(manifest::MANIFEST)?.write_all(&bytes)?;
+    if let Some(key) = key {
+        gen.pinned().create(manifest::TAG)?.write_all(key.tag(&bytes).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The host's fleet key, if one is configured; an error if it is configured but unusable.
+fn fleet_key(config: &Config) -> Result<Option<FleetKey>, String> {
+    config
+        .fleet_key_file
+        .as_deref()
+        .map(|path| FleetKey::load(path).map_err(|e| format!("fleet key {}: {e}", path.display())))
+        .transpose()
+}
+
+/// A generation whose manifest (and, with a fleet key, its tag), metadata and
+/// small files have been read without following links and checked against
+/// their digests. The large files are checked as they stream, before use.
+pub struct Verified {
+    pub manifest: Manifest,
+    pub metadata: Metadata,
+    /// The diff list's bytes as verified (read once: never read again from the root).
+    pub diff_list: Option<Vec<u8>>,
+}
+
+/// Reads a small listed file, checked against its digest.
+fn read_listed(gen: &Generation, manifest: &Manifest, name: &str, cap: u64) -> Result<Vec<u8>, String> {
+    let entry = manifest.require(name).map_err(|e| e.to_string())?;
+    let bytes = gen.pinned().read(name, cap).map_err(|e| e.to_string())?;
+    entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes)).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// Opens a generation for restore or inspection: everything small verified.
+pub fn verify(gen: &Generation, config: &Config) -> Result<Verified, String> {
+    let bytes = gen.pinned().read(manifest::MANIFEST, manifest::MAX_MANIFEST_BYTES).map_err(|e| e.to_string())?;
+    if let Some(key) = fleet_key(config)? {
+        let tag = gen.pinned().read(manifest::TAG, 256).map_err(|e| format!("no valid fleet-key tag: {e}"))?;
+        if !key.verify(&bytes, &tag) {
+            return Err("manifest.tag does not verify with this host's fleet key".into());
+        }
+    }
+    let manifest = Manifest::parse(&bytes).map_err(|e| e.to_string())?;
+    let metadata = Metadata::parse(&read_listed(gen, &manifest, metadata::FILE, metadata::MAX_BYTES)?)?;
+    read_listed(gen, &manifest, "dump.log", MAX_DUMP_LOG_BYTES)?;
+    let diff_list = match metadata.rootfs_archive_bytes {
+        Some(_) => Some(read_listed(gen, &manifest, rootfs::MANIFEST, rootfs::MAX_MANIFEST_BYTES)?),
+        None => None,
+    };
+    metadata::validate(gen.pinned(), &metadata)?;
+    Ok(Verified { manifest, metadata, diff_list })
+}
+
+/// Checks every listed file against its digest (one full read): `archctl validate`.
+pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, String> {
+    let verified = verify(gen, config)?;
+    for entry in &verified.manifest.files {
+        let (dir, name) = match entry.path.split_once('/') {
+            Some((dir, name)) => (gen.pinned().dir(dir, false).map_err(|e| format!("{dir}: {e}"))?, name),
+            None => (gen.pinned().reopen().map_err(|e| e.to_string())?, entry.path.as_str()),
+        };
+        let (mut file, _) = dir.open(name).map_err(|e| e.to_string())?;
+        let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| format!("{}: {e}", entry.path))?;
+        entry.check(bytes, &digest).map_err(|e| e.to_string())?;
+    }
+    Ok(verified)
+}
+
+/// Basic mode: CRIU reads `images/` itself, so every file there must be listed
+/// and match, and nothing unlisted may be there (CRIU opens images by name).
+fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(), String> {
+    let mut seen = 0;
+    for (name, _) in dir.entries().map_err(|e| format!("images: {e}"))? {
+        let path = format!("{IMAGES_DIR}/{name}");
+        let entry = manifest.require(&path).map_err(|e| e.to_string())?;
+        let (mut file, _) = dir.open(&name).map_err(|e| e.to_string())?;
+        let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| format!("{path}: {e}"))?;
+        entry.check(bytes, &digest).map_err(|e| e.to_string())?;
+        seen += 1;
+    }
+    let listed = manifest.files.iter().filter(|f| f.path.starts_with(&format!("{IMAGES_DIR}/"))).count();
+    if seen != listed {
+        return Err(format!("images: {listed} files listed, {seen} present"));
+    }
+    Ok(())
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -327,14 +461,12 @@ fn export_images(images: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `tar -C dir -c . | zstd -1 -T0 > archive`; returns the archive's size.
-fn pack(dir: &Path, archive: std::fs::File) -> anyhow::Result<u64> {
+/// `tar -C dir -c . | zstd -1 -T0 > archive`; returns the archive's size and digest.
+fn pack(dir: &Path, archive: std::fs::File) -> anyhow::Result<(u64, manifest::Digest)> {
     let mut tar = Command::new("tar").arg("-C").arg(dir).args(["-cf", "-", "."]).stdout(Stdio::piped()).spawn()?;
-    let written = archive.try_clone()?;
     let zstd = rootfs::zstd_to(archive, Stdio::from(tar.stdout.take().expect("piped")))?;
     anyhow::ensure!(tar.wait()?.success(), "tar of {} failed", dir.display());
-    rootfs::finish_zstd(zstd)?;
-    Ok(written.metadata()?.len())
+    zstd.finish()
 }
 
 /// CRIU writes a few dozen image files; anything near this was not CRIU.
@@ -343,11 +475,13 @@ const MAX_IMAGE_FILES: u64 = 100_000;
 /// `zstd -dc archive | tar -x` into `dir`, in process: only regular files
 /// with plain names (CRIU's images; never a link, a device or a path), at
 /// most `bytes` of content in all, and only if the disk has room for them.
-fn unpack(archive: std::fs::File, dir: &Path, bytes: u64) -> anyhow::Result<()> {
+/// The archive is checked against `entry` as it streams: nothing unpacked is
+/// used unless all of it matched.
+fn unpack(archive: std::fs::File, entry: &FileEntry, dir: &Path, bytes: u64) -> anyhow::Result<()> {
     use anyhow::Context;
     crate::container::create_private_dir(dir)?;
     untrusted::ensure_room(dir, bytes)?;
-    let mut zstd = rootfs::zstd_from(archive)?;
+    let (mut zstd, feeder) = rootfs::zstd_from_verified(archive, entry)?;
     let stream =
         untrusted::Capped::new(zstd.stdout.take().expect("piped"), untrusted::tar_bound(bytes, MAX_IMAGE_FILES));
     let result = (|| -> anyhow::Result<()> {
@@ -381,12 +515,17 @@ fn unpack(archive: std::fs::File, dir: &Path, bytes: u64) -> anyhow::Result<()> 
         let _ = zstd.kill();
     }
     let zstd_result = rootfs::finish_zstd(zstd);
+    let verified = feeder.join().map_err(|_| anyhow::anyhow!("archive reader panicked"))?;
+    verified?;
     result?;
     zstd_result
 }
 
 /// The newest published generations of a location, newest first.
-pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
+pub fn generations(
+    location: &Location,
+    config: &Config,
+) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
     let store = Store::new(location);
     if let Some(done) = store.completed() {
         tracing::info!(key = %location.key, exit_status = done.exit_status,
@@ -397,7 +536,7 @@ pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Resu
         .generations()?
         .into_iter()
         .map(|g| {
-            let meta = Store::metadata(&g).and_then(|m| metadata::validate(g.pinned(), &m).map(|()| m));
+            let meta = verify(&g, config).map(|v| v.metadata);
             (g, meta)
         })
         .collect())
@@ -405,20 +544,25 @@ pub fn generations(location: &Location) -> std::io::Result<Vec<(Generation, Resu
 
 /// Whether a generation can be restored on this machine: CRIU of the same
 /// major version, and `criu cpuinfo check` against the recorded CPU.
-pub fn check_compatible(gen: &Generation, meta: &Metadata) -> Result<(), String> {
+pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), String> {
+    let verified = verify(gen, config)?;
+    let meta = &verified.metadata;
     let local = metadata::tool_version("criu");
     let major = |v: &str| v.split('.').next().unwrap_or("").to_owned();
     if major(&local) != major(&meta.criu_version) {
         return Err(format!("checkpoint taken with CRIU {}, this machine has {local}", meta.criu_version));
     }
-    // CRIU reads the file by path: it gets a private copy of it, read here without following links.
-    let cpuinfo = gen.pinned().read("cpuinfo.img", MAX_CPUINFO_BYTES).or_else(|_| {
-        gen.pinned()
-            .dir("images", false)
-            .map_err(|e| e.to_string())?
-            .read("cpuinfo.img", MAX_CPUINFO_BYTES)
-            .map_err(|e| e.to_string())
-    });
+    // CRIU reads the file by path: it gets a private copy of it, read here
+    // without following links and checked against its digest.
+    let cpuinfo = match meta.images_archive_bytes {
+        Some(_) => read_listed(gen, &verified.manifest, "cpuinfo.img", MAX_CPUINFO_BYTES),
+        None => gen.pinned().dir(IMAGES_DIR, false).map_err(|e| e.to_string()).and_then(|images| {
+            let entry = verified.manifest.require("images/cpuinfo.img").map_err(|e| e.to_string())?;
+            let bytes = images.read("cpuinfo.img", MAX_CPUINFO_BYTES).map_err(|e| e.to_string())?;
+            entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes)).map_err(|e| e.to_string())?;
+            Ok(bytes)
+        }),
+    };
     if let Ok(cpuinfo) = cpuinfo {
         let dir = tempfile::Builder::new().prefix("arch-cpuinfo").tempdir().map_err(|e| format!("cpuinfo: {e}"))?;
         std::fs::write(dir.path().join("cpuinfo.img"), cpuinfo).map_err(|e| format!("cpuinfo: {e}"))?;
@@ -447,8 +591,8 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     let restore_started = Instant::now();
     let mut phases = std::collections::BTreeMap::new();
-    let meta = Store::metadata(&gen)?;
-    metadata::validate(gen.pinned(), &meta)?;
+    let verified = verify(&gen, req.target.config)?;
+    let meta = &verified.metadata;
     phases.insert("validate".to_owned(), ms(restore_started));
     let staging =
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
@@ -458,14 +602,18 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         Some(_) => {
             let started = Instant::now();
             let images = staging.join("images");
-            let (archive, _) = gen.pinned().open("images.tar.zst").map_err(|e| e.to_string())?;
-            unpack(archive, &images, meta.images_bytes).map_err(|e| format!("{e:#}"))?;
+            let entry = verified.manifest.require(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
+            let (archive, _) = gen.pinned().open(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
+            unpack(archive, entry, &images, meta.images_bytes).map_err(|e| format!("{e:#}"))?;
             phases.insert("unpack".to_owned(), ms(started));
             images
         }
         None => {
             // CRIU reads them by path: through a pinned directory, never a planted link.
-            let dir = gen.pinned().dir("images", false).map_err(|e| format!("images: {e}"))?;
+            let started = Instant::now();
+            let dir = gen.pinned().dir(IMAGES_DIR, false).map_err(|e| format!("images: {e}"))?;
+            verify_images_dir(&dir, &verified.manifest)?;
+            phases.insert("digest".to_owned(), ms(started));
             let path = dir.path().to_path_buf();
             _images_dir = Some(dir);
             path
@@ -476,8 +624,18 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     if meta.rootfs_archive_bytes.is_some() {
         let started = Instant::now();
         let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
-        rootfs::apply(gen.pinned(), &req.target.bundle.join("rootfs"), &staging, meta.rootfs_bytes, limit)
-            .map_err(|e| format!("{e:#}"))?;
+        let entry = verified.manifest.require(rootfs::ARCHIVE).map_err(|e| e.to_string())?;
+        let diff_list = verified.diff_list.as_deref().unwrap_or_default();
+        rootfs::apply(
+            gen.pinned(),
+            entry,
+            diff_list,
+            &req.target.bundle.join("rootfs"),
+            &staging,
+            meta.rootfs_bytes,
+            limit,
+        )
+        .map_err(|e| format!("{e:#}"))?;
         tracing::info!(id = req.target.id, ms = ms(started), "rootfs diff applied");
         phases.insert("rootfs".to_owned(), ms(started));
     }

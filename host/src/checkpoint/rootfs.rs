@@ -12,6 +12,7 @@
 //! that symlinks in the container's files (which the container controls)
 //! resolve inside it and can never make root write outside it.
 
+use super::manifest::{Digest, FileEntry, HashingReader, HashingWriter};
 use super::untrusted::Pinned;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -188,15 +189,68 @@ fn finish_tar(tar: std::process::Child, writer: std::thread::JoinHandle<std::io:
     Ok(())
 }
 
+/// `zstd -1 -T0` compressing into an archive of ours, its output hashed as
+/// it is written (no second read of a large file).
+pub(super) struct Compressing {
+    zstd: std::process::Child,
+    pump: std::thread::JoinHandle<std::io::Result<(u64, Digest)>>,
+}
+
 /// Starts `zstd -1 -T0` compressing `input` into `archive` (a new file of ours).
-pub(super) fn zstd_to(archive: File, input: Stdio) -> std::io::Result<std::process::Child> {
-    Command::new("zstd").args(["-1", "-T0", "-q", "-c"]).stdin(input).stdout(archive).stderr(Stdio::piped()).spawn()
+pub(super) fn zstd_to(archive: File, input: Stdio) -> std::io::Result<Compressing> {
+    let mut zstd = Command::new("zstd")
+        .args(["-1", "-T0", "-q", "-c"])
+        .stdin(input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut out = zstd.stdout.take().expect("piped");
+    let pump = std::thread::spawn(move || {
+        let mut writer = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, archive));
+        std::io::copy(&mut out, &mut writer)?;
+        let (buffered, bytes, digest) = writer.finish()?;
+        buffered.into_inner().map_err(|e| e.into_error())?;
+        Ok((bytes, digest))
+    });
+    Ok(Compressing { zstd, pump })
+}
+
+impl Compressing {
+    /// Waits for zstd; the archive's size and digest.
+    pub(super) fn finish(self) -> anyhow::Result<(u64, Digest)> {
+        let written = self.pump.join().map_err(|_| anyhow::anyhow!("archive writer panicked"))?;
+        finish_zstd(self.zstd)?;
+        Ok(written?)
+    }
 }
 
 /// Starts `zstd -d` decompressing `archive` (opened by us, so zstd never
-/// resolves a path in the checkpoint root) to a pipe on its stdout.
-pub(super) fn zstd_from(archive: File) -> std::io::Result<std::process::Child> {
-    Command::new("zstd").args(["-d", "-c", "-q"]).stdin(archive).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+/// resolves a path in the checkpoint root) to a pipe on its stdout; a thread
+/// feeds it the archive, checking it against `entry` as it goes (its result
+/// says whether all of it matched).
+#[allow(clippy::type_complexity)]
+pub(super) fn zstd_from_verified(
+    archive: File,
+    entry: &FileEntry,
+) -> std::io::Result<(std::process::Child, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let mut zstd = Command::new("zstd")
+        .args(["-d", "-c", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = zstd.stdin.take().expect("piped");
+    let entry = entry.clone();
+    let feeder = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut reader = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, archive), Some(entry.size));
+        let copied = std::io::copy(&mut reader, &mut stdin);
+        drop(stdin);
+        let (bytes, digest) = reader.finish();
+        entry.check(bytes, &digest)?;
+        copied?;
+        Ok(())
+    });
+    Ok((zstd, feeder))
 }
 
 pub(super) fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
@@ -205,41 +259,38 @@ pub(super) fn finish_zstd(zstd: std::process::Child) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the diff list into a generation.
-fn write_manifest(dir: &Pinned, manifest: &Manifest) -> anyhow::Result<()> {
-    dir.create(MANIFEST)?.write_all(&serde_json::to_vec(manifest)?)?;
-    Ok(())
+/// Writes the diff list into a generation; its manifest entry.
+pub fn write_manifest(dir: &Pinned, manifest: &Manifest) -> anyhow::Result<FileEntry> {
+    let bytes = serde_json::to_vec(manifest)?;
+    dir.create(MANIFEST)?.write_all(&bytes)?;
+    Ok(FileEntry::new(MANIFEST, bytes.len() as u64, &Digest::of(&bytes)))
 }
 
 /// Archives `upper` straight into `<dir>/rootfs-diff.tar.zst` (tar | zstd),
-/// for a container that no longer runs. Returns the archive's size.
-pub fn capture(upper: &Path, survey: &Survey, dir: &Pinned) -> anyhow::Result<u64> {
-    write_manifest(dir, &survey.manifest)?;
+/// for a container that no longer runs. Returns the archive's manifest entry.
+pub fn capture(upper: &Path, survey: &Survey, dir: &Pinned) -> anyhow::Result<FileEntry> {
     let archive = dir.create(ARCHIVE)?;
-    let written = archive.try_clone()?;
     let (mut tar, writer) = spawn_tar(upper, &survey.files, Stdio::piped())?;
     let zstd = zstd_to(archive, Stdio::from(tar.stdout.take().expect("piped")))?;
     finish_tar(tar, writer)?;
-    finish_zstd(zstd)?;
-    Ok(written.metadata()?.len())
+    let (bytes, digest) = zstd.finish()?;
+    Ok(FileEntry::new(ARCHIVE, bytes, &digest))
 }
 
-/// Copies `upper` into the uncompressed local tar `staged` (and writes the
-/// diff list into `dir`): the part that needs a running container frozen.
-pub fn stage(upper: &Path, survey: &Survey, dir: &Pinned, staged: &Path) -> anyhow::Result<()> {
-    write_manifest(dir, &survey.manifest)?;
+/// Copies `upper` into the uncompressed local tar `staged`: the part that
+/// needs a running container frozen.
+pub fn stage(upper: &Path, survey: &Survey, staged: &Path) -> anyhow::Result<()> {
     let (tar, writer) = spawn_tar(upper, &survey.files, Stdio::from(crate::container::private_file(staged)?))?;
     finish_tar(tar, writer)
 }
 
 /// Compresses a staged tar into `<dir>/rootfs-diff.tar.zst`, removes the
-/// staged tar, and returns the archive's size.
-pub fn compress(staged: &Path, dir: &Pinned) -> anyhow::Result<u64> {
+/// staged tar, and returns the archive's manifest entry.
+pub fn compress(staged: &Path, dir: &Pinned) -> anyhow::Result<FileEntry> {
     let archive = dir.create(ARCHIVE)?;
-    let written = archive.try_clone()?;
-    finish_zstd(zstd_to(archive, Stdio::from(File::open(staged)?))?)?;
+    let (bytes, digest) = zstd_to(archive, Stdio::from(File::open(staged)?))?.finish()?;
     let _ = std::fs::remove_file(staged);
-    Ok(written.metadata()?.len())
+    Ok(FileEntry::new(ARCHIVE, bytes, &digest))
 }
 
 /// Puts a captured layer back: replays deletions, then unpacks, inside
@@ -248,14 +299,41 @@ pub fn compress(staged: &Path, dir: &Pinned) -> anyhow::Result<u64> {
 /// before anything changes, and handed to the helper as a private copy in `scratch`.
 /// `content` is the layer's recorded file bytes (the disk must have room for
 /// them) and `limit` the most its tar stream may hold: more is refused.
-pub fn apply(dir: &Pinned, rootfs: &Path, scratch: &Path, content: u64, limit: u64) -> anyhow::Result<()> {
+///
+/// The archive is first copied into `scratch` while its digest is checked
+/// against `entry`, so what is unpacked is exactly what was verified, whatever
+/// happens in the shared root meanwhile; `diff_list` is the verified diff list.
+pub fn apply(
+    dir: &Pinned,
+    entry: &FileEntry,
+    diff_list: &[u8],
+    rootfs: &Path,
+    scratch: &Path,
+    content: u64,
+    limit: u64,
+) -> anyhow::Result<()> {
     super::untrusted::ensure_room(rootfs, content)?;
-    let manifest = Manifest::parse(&dir.read(MANIFEST, MAX_MANIFEST_BYTES)?)?;
+    let manifest = Manifest::parse(diff_list)?;
     crate::container::create_private_dir(scratch)?;
     let checked = scratch.join(MANIFEST);
     crate::container::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
-    let (archive, _) = dir.open(ARCHIVE)?;
-    let mut zstd = zstd_from(archive)?;
+    let local = scratch.join(ARCHIVE);
+    {
+        let (archive, _) = dir.open(ARCHIVE)?;
+        let mut reader = HashingReader::new(archive, Some(entry.size));
+        let mut copy = crate::container::private_file(&local)?;
+        let copied = std::io::copy(&mut reader, &mut copy);
+        let (bytes, digest) = reader.finish();
+        entry.check(bytes, &digest)?;
+        copied?;
+    }
+    let archive = File::open(&local)?;
+    let mut zstd = Command::new("zstd")
+        .args(["-d", "-c", "-q"])
+        .stdin(archive)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let helper = Command::new("/proc/self/exe")
         .arg0(HELPER_ARGV0)
         .arg(rootfs)

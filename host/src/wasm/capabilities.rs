@@ -303,7 +303,7 @@ impl checkpoints::Host for HostState {
                     return Ok(Vec::new());
                 }
             }
-            let gens = checkpoint::generations(&location).map_err(|e| e.to_string())?;
+            let gens = checkpoint::generations(&location, &self.ctx.config).map_err(|e| e.to_string())?;
             Ok(gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
         }))
     }
@@ -313,7 +313,7 @@ impl checkpoints::Host for HostState {
             let gen = checkpoint::store::Store::new(&location)
                 .generation(&name)
                 .ok_or_else(|| format!("no generation {name}"))?;
-            checkpoint::store::Store::metadata(&gen).and_then(|meta| checkpoint::check_compatible(&gen, &meta))
+            checkpoint::check_compatible(&gen, &self.ctx.config)
         }))
     }
 
