@@ -254,3 +254,153 @@ mod manifest {
         }
     }
 }
+
+/// `metadata.json`: `Metadata::parse`. Nothing it accepts names a flag: CRIU
+/// options are typed, and only the allow-list becomes runc flags.
+mod metadata {
+    use super::*;
+    use arch::checkpoint::metadata::{CriuOptions, Metadata, FORMAT, MAX_BYTES};
+
+    fn valid() -> impl Strategy<Value = Metadata> {
+        (any::<[bool; 4]>(), any::<bool>(), ".{0,30}", any::<u64>(), prop::option::of(any::<u64>()), any::<bool>())
+            .prop_map(|(o, leave_running, host, bytes, archive, netfs)| Metadata {
+                format: FORMAT,
+                name: "gen-0000000000001-1".into(),
+                key: "ns/id".into(),
+                mode: if netfs { "network-fs".into() } else { "basic".into() },
+                leave_running,
+                options: CriuOptions { tcp_established: o[0], ext_unix_sk: o[1], shell_job: o[2], file_locks: o[3] },
+                images_bytes: bytes,
+                images_archive_bytes: archive,
+                host,
+                ..Default::default()
+            })
+    }
+
+    fn check_accepted(m: &Metadata) -> Result<(), TestCaseError> {
+        prop_assert!(m.mode == "basic" || m.mode == "network-fs");
+        prop_assert_eq!(m.format, FORMAT);
+        for flag in m.options.flags() {
+            prop_assert!(["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks"].contains(&flag));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(512))]
+
+        #[test]
+        fn accepts_what_it_writes(m in valid()) {
+            prop_assert_eq!(&Metadata::parse(&serde_json::to_vec_pretty(&m).unwrap()).unwrap(), &m);
+        }
+
+        #[test]
+        fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(m) = Metadata::parse(&bytes) {
+                check_accepted(&m)?;
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_metadata(
+            m in valid(),
+            mutations in prop::collection::vec(json_mutation(), 1..4),
+        ) {
+            let doc = mutations.iter().fold(serde_json::to_value(&m).unwrap(), mutate);
+            if let Ok(parsed) = Metadata::parse(&serde_json::to_vec(&doc).unwrap()) {
+                check_accepted(&parsed)?;
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_bytes(m in valid(), mutations in prop::collection::vec(byte_mutation(), 1..8)) {
+            let bytes = mutations.into_iter().fold(serde_json::to_vec(&m).unwrap(), mutate_bytes);
+            if let Ok(parsed) = Metadata::parse(&bytes) {
+                check_accepted(&parsed)?;
+            }
+        }
+
+        #[test]
+        fn no_field_outside_the_schema(m in valid(), key in "[a-z_]{1,16}", value in json_value()) {
+            let mut doc = serde_json::to_value(&m).unwrap();
+            let known = doc.as_object().unwrap().contains_key(&key);
+            doc[&key] = value;
+            if !known {
+                prop_assert!(Metadata::parse(&serde_json::to_vec(&doc).unwrap()).is_err(), "{} accepted", key);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_is_refused() {
+        assert!(Metadata::parse(&vec![b' '; MAX_BYTES as usize + 1]).is_err());
+    }
+}
+
+/// `rootfs-diff.json`: `rootfs::Manifest::parse`. Every path it accepts stays
+/// inside the rootfs, whatever else is in the list.
+mod diff_list {
+    use super::*;
+    use arch::checkpoint::rootfs::Manifest as DiffList;
+    use std::path::{Component, PathBuf};
+
+    fn name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._ -]{1,12}".prop_filter("a plain name", |n| n != "." && n != "..")
+    }
+
+    fn path() -> impl Strategy<Value = PathBuf> {
+        prop::collection::vec(name(), 1..4).prop_map(|parts| parts.iter().collect())
+    }
+
+    fn valid() -> impl Strategy<Value = DiffList> {
+        (prop::collection::vec(path(), 0..8), prop::collection::vec(path(), 0..8), any::<u64>())
+            .prop_map(|(whiteouts, opaque_dirs, files)| DiffList { whiteouts, opaque_dirs, files })
+    }
+
+    fn inside(p: &std::path::Path) -> bool {
+        p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+            && p.components().any(|c| matches!(c, Component::Normal(_)))
+    }
+
+    fn check_accepted(d: &DiffList) -> Result<(), TestCaseError> {
+        for p in d.whiteouts.iter().chain(&d.opaque_dirs) {
+            prop_assert!(inside(p), "{:?} accepted", p);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(512))]
+
+        #[test]
+        fn accepts_what_it_writes(d in valid()) {
+            prop_assert_eq!(DiffList::parse(&serde_json::to_vec(&d).unwrap()).unwrap(), d);
+        }
+
+        #[test]
+        fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok(d) = DiffList::parse(&bytes) {
+                check_accepted(&d)?;
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_lists(d in valid(), mutations in prop::collection::vec(json_mutation(), 1..4)) {
+            let doc = mutations.iter().fold(serde_json::to_value(&d).unwrap(), mutate);
+            if let Ok(parsed) = DiffList::parse(&serde_json::to_vec(&doc).unwrap()) {
+                check_accepted(&parsed)?;
+            }
+        }
+
+        #[test]
+        fn one_escaping_path_refuses_the_whole_list(d in valid(), at in any::<Index>(), bad in prop_oneof![
+            Just(PathBuf::from("..")), Just(PathBuf::from("../etc")), Just(PathBuf::from("a/../../b")),
+            Just(PathBuf::from("/etc")), Just(PathBuf::from("")), Just(PathBuf::from(".")),
+        ]) {
+            let mut d = d;
+            let i = at.index(d.opaque_dirs.len() + 1);
+            d.opaque_dirs.insert(i, bad);
+            prop_assert!(DiffList::parse(&serde_json::to_vec(&d).unwrap()).is_err());
+        }
+    }
+}

@@ -158,3 +158,183 @@ fn planted_generations_are_set_aside_and_the_job_resumes_from_the_real_one() {
     assert!(checked.as_array().unwrap().iter().any(|g| g["generation"] == real.as_str() && g["valid"] == true));
     assert!(ctd.inst.archctl().args(["list"]).output().unwrap().status.success());
 }
+
+/// Rewrites a generation's manifest to match its files as they now are, as an
+/// attacker with write access to the root (and no fleet key) can.
+fn reseal(gen_dir: &Path) {
+    use arch::checkpoint::manifest::{hash_file, FileEntry, Manifest};
+    let mut files = Vec::new();
+    for rel in ["", "images"] {
+        let Ok(entries) = std::fs::read_dir(gen_dir.join(rel)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().into_string().unwrap();
+            if !e.file_type().unwrap().is_file() || name.starts_with("manifest.") {
+                continue;
+            }
+            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let (size, digest) = hash_file(&mut std::fs::File::open(e.path()).unwrap()).unwrap();
+            files.push(FileEntry::new(path, size, &digest));
+        }
+    }
+    std::fs::write(gen_dir.join("manifest.json"), Manifest::new(files).to_bytes()).unwrap();
+}
+
+/// Flips one byte in the middle of `path`.
+fn flip(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ 0x5a]).unwrap();
+}
+
+#[test]
+fn flipped_bytes_in_memory_images_are_never_restored() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    // Basic mode: CRIU's images stay files, each listed with its digest.
+    let ctd = Containerd::start("arch-untrusted-flip");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    let older = checkpoint(&ctd, "job", false, &key_dir);
+    let newer = checkpoint(&ctd, "job", false, &key_dir);
+    remove(&ctd, "job");
+    let images = key_dir.join(".arch/generations").join(&newer).join("images");
+    let pages = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    flip(&pages);
+    // archctl validate sees it before any restore does.
+    let out = ctd.inst.archctl().args(["validate", "--all", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(older.as_str()), "the flipped one is never restored");
+    assert!(key_dir.join(".arch/quarantine").join(&newer).is_dir());
+    remove(&ctd, "job");
+
+    // An unlisted file dropped among the images (CRIU opens images by name) invalidates too.
+    std::fs::write(key_dir.join(".arch/generations").join(&older).join("images/extra.img"), b"x").unwrap();
+    start_counter(&ctd, "job", &[]);
+    assert!(ctd.inst.log().iter().any(|r| r["message"].as_str().is_some_and(|m| m.ends_with("job: starting fresh"))));
+    remove(&ctd, "job");
+}
+
+#[test]
+fn a_decompression_bomb_stops_at_the_recorded_size() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let shared = tempfile::Builder::new().prefix("arch-untrusted-bomb").tempdir().unwrap();
+    let inst = Instance::with(
+        Path::new("/usr/sbin/runc"),
+        serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() }),
+    );
+    let ctd = Containerd::start_with("arch-untrusted-bomb", inst);
+    let key_dir = shared.path().join("bomb");
+    let env = ["ARCH_CHECKPOINT_KEY=bomb"];
+    start_counter(&ctd, "job", &env);
+    let real = checkpoint(&ctd, "job", false, &key_dir);
+    remove(&ctd, "job");
+
+    // 1 GiB of zeros in a small archive; the manifest resealed to match it (no
+    // fleet key here), so only the recorded sizes stop it.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("data")).unwrap();
+    let zeros = work.path().join("data/zeros");
+    assert!(Command::new("truncate").args(["-s", "1G"]).arg(&zeros).status().unwrap().success());
+    for (i, what) in ["layer", "images"].iter().enumerate() {
+        let name = format!("gen-9999999999999-{i}");
+        let archive = if *what == "layer" { "rootfs-diff.tar.zst" } else { "images.tar.zst" };
+        let dir = plant(&key_dir, &real, &name, |d| {
+            let member = if *what == "layer" { "data/zeros" } else { "zeros" };
+            let from = if *what == "layer" { work.path().to_path_buf() } else { work.path().join("data") };
+            let script =
+                format!("tar -C {} -cf - {member} | zstd -1 -q -c > {}", from.display(), d.join(archive).display());
+            assert!(Command::new("sh").args(["-c", &script]).status().unwrap().success());
+            let size = std::fs::metadata(d.join(archive)).unwrap().len();
+            set_json(&d.join("metadata.json"), |m| {
+                if *what == "layer" {
+                    m["rootfs_archive_bytes"] = serde_json::json!(size);
+                } else {
+                    m["images_archive_bytes"] = serde_json::json!(size);
+                }
+            });
+        });
+        assert!(std::fs::metadata(dir.join(archive)).unwrap().len() < 4 << 20, "a small archive");
+        reseal(&dir);
+        start_counter(&ctd, "job", &env);
+        assert_eq!(
+            restored_from(&ctd.inst, "job").as_deref(),
+            Some(real.as_str()),
+            "{what}: resumed from the real one"
+        );
+        assert!(key_dir.join(".arch/quarantine").join(&name).is_dir(), "{what}: the bomb set aside");
+        let why = std::fs::read_to_string(key_dir.join(".arch/quarantine").join(format!("{name}.reason"))).unwrap();
+        assert!(why.contains("recorded"), "{what}: refused for its size: {why}");
+        assert_eq!(exec(&ctd, "job", "ls /data/zeros 2>/dev/null | wc -l").trim(), "0", "{what}: nothing of it kept");
+        remove(&ctd, "job");
+    }
+}
+
+#[test]
+fn with_a_fleet_key_only_tagged_generations_are_restored() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let shared = tempfile::Builder::new().prefix("arch-untrusted-key").tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("fleet.key");
+    std::fs::write(&key, "a".repeat(64)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let instance = |key: Option<&Path>| {
+        Instance::with(
+            Path::new("/usr/sbin/runc"),
+            serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path(), "fleet_key_file": key }),
+        )
+    };
+    let ctd = Containerd::start_with("arch-untrusted-key", instance(Some(&key)));
+    let key_dir = shared.path().join("keyed");
+    let env = ["ARCH_CHECKPOINT_KEY=keyed"];
+    start_counter(&ctd, "job", &env);
+    let real = checkpoint(&ctd, "job", false, &key_dir);
+    assert!(key_dir.join(".arch/generations").join(&real).join("manifest.tag").is_file());
+    remove(&ctd, "job");
+
+    // Planted: a copy with its manifest resealed (valid digests) but no valid tag.
+    for (i, tag) in [None, Some("0".repeat(64))].into_iter().enumerate() {
+        let name = format!("gen-9999999999999-{i}");
+        let dir = plant(&key_dir, &real, &name, |d| {
+            set_json(&d.join("metadata.json"), |m| m["options"]["shell_job"] = serde_json::json!(true));
+        });
+        reseal(&dir);
+        match &tag {
+            Some(t) => std::fs::write(dir.join("manifest.tag"), t).unwrap(),
+            None => std::fs::remove_file(dir.join("manifest.tag")).unwrap(),
+        }
+        start_counter(&ctd, "job", &env);
+        assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(real.as_str()), "tag {tag:?}: the tagged one");
+        assert!(key_dir.join(".arch/quarantine").join(&name).is_dir());
+        remove(&ctd, "job");
+    }
+    drop(ctd);
+
+    // A key that others can read is refused: no checkpoint is taken with it, and nothing restored.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let ctd = Containerd::start_with("arch-untrusted-key2", instance(Some(&key)));
+    start_counter(&ctd, "job", &env);
+    assert!(restored_from(&ctd.inst, "job").is_none(), "an unusable key restores nothing");
+    assert!(
+        key_dir.join(".arch/generations").join(&real).is_dir(),
+        "and sets nothing aside: the host is wrong, not the generation"
+    );
+    assert!(count(&ctd, "job") > 0, "the container still runs");
+    remove(&ctd, "job");
+}

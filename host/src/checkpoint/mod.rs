@@ -387,8 +387,12 @@ fn read_listed(gen: &Generation, manifest: &Manifest, name: &str, cap: u64) -> R
 
 /// Opens a generation for restore or inspection: everything small verified.
 pub fn verify(gen: &Generation, config: &Config) -> Result<Verified, String> {
+    verify_with(gen, fleet_key(config)?.as_ref())
+}
+
+fn verify_with(gen: &Generation, key: Option<&FleetKey>) -> Result<Verified, String> {
     let bytes = gen.pinned().read(manifest::MANIFEST, manifest::MAX_MANIFEST_BYTES).map_err(|e| e.to_string())?;
-    if let Some(key) = fleet_key(config)? {
+    if let Some(key) = key {
         let tag = gen.pinned().read(manifest::TAG, 256).map_err(|e| format!("no valid fleet-key tag: {e}"))?;
         if !key.verify(&bytes, &tag) {
             return Err("manifest.tag does not verify with this host's fleet key".into());
@@ -526,6 +530,9 @@ pub fn generations(
     location: &Location,
     config: &Config,
 ) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
+    // A host whose own key is unusable restores nothing, and sets nothing aside:
+    // the generations may be fine, the host is not.
+    let key = fleet_key(config).map_err(std::io::Error::other)?;
     let store = Store::new(location);
     if let Some(done) = store.completed() {
         tracing::info!(key = %location.key, exit_status = done.exit_status,
@@ -536,7 +543,7 @@ pub fn generations(
         .generations()?
         .into_iter()
         .map(|g| {
-            let meta = verify(&g, config).map(|v| v.metadata);
+            let meta = verify_with(&g, key.as_ref()).map(|v| v.metadata);
             (g, meta)
         })
         .collect())
@@ -621,8 +628,10 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     };
     let work = staging.join("work");
     crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
+    let mut rollback = None;
     if meta.rootfs_archive_bytes.is_some() {
         let started = Instant::now();
+        rollback = Some(rootfs::Rollback::arm(&req.target.bundle.join("rootfs")));
         let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
         let entry = verified.manifest.require(rootfs::ARCHIVE).map_err(|e| e.to_string())?;
         let diff_list = verified.diff_list.as_deref().unwrap_or_default();
@@ -660,6 +669,9 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let status = crate::runc::run(req.target.runc, &argv).map_err(|e| e.to_string())?;
     tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
     if status == 0 {
+        if let Some(rollback) = rollback {
+            rollback.disarm();
+        }
         phases.insert("restore".to_owned(), ms(started));
         phases.insert("total".to_owned(), ms(restore_started));
         record_phases(req.target.config, "restore", &phases);

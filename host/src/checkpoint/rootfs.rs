@@ -343,15 +343,64 @@ pub fn apply(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()?;
-    // zstd's checksum is the archive's integrity check: a layer it rejects
-    // must fail the restore even if the tar stream happened to end cleanly.
-    finish_zstd(zstd).context("the rootfs diff is corrupt")?;
+    // The helper's own refusal (a bad entry, more than recorded) says why;
+    // zstd's broken pipe would only follow from it.
     anyhow::ensure!(
         helper.status.success(),
         "unpacking the rootfs diff: {}",
         String::from_utf8_lossy(&helper.stderr).trim()
     );
+    // zstd's checksum is the archive's integrity check: a layer it rejects
+    // must fail the restore even if the tar stream happened to end cleanly.
+    finish_zstd(zstd).context("the rootfs diff is corrupt")?;
     Ok(())
+}
+
+/// Puts a new container's writable layer back to what `create` made (empty)
+/// if its restore fails after the checkpoint's layer was replayed into it, so
+/// the next older generation, or the fresh start, sees only the image.
+pub struct Rollback {
+    upper: Option<PathBuf>,
+}
+
+impl Rollback {
+    /// Armed for `rootfs` if its overlay upperdir is there and empty; an upperdir
+    /// that already held something is never touched (there is no telling
+    /// what of it the replay changed), only logged.
+    pub fn arm(rootfs: &Path) -> Rollback {
+        let upper = match upperdir(rootfs) {
+            Ok(Some(upper)) => upper,
+            _ => return Rollback { upper: None },
+        };
+        match std::fs::read_dir(&upper).map(|mut d| d.next().is_none()) {
+            Ok(true) => Rollback { upper: Some(upper) },
+            _ => {
+                tracing::warn!(upper = %upper.display(), "upperdir not empty at restore: a failed restore cannot be undone");
+                Rollback { upper: None }
+            }
+        }
+    }
+
+    /// The restore succeeded: keep the layer.
+    pub fn disarm(mut self) {
+        self.upper = None;
+    }
+}
+
+impl Drop for Rollback {
+    fn drop(&mut self) {
+        let Some(upper) = self.upper.take() else { return };
+        let cleared = std::fs::read_dir(&upper)
+            .and_then(|entries| entries.flatten().try_for_each(|e| super::store::remove_entry(&e.path())));
+        // overlayfs keeps what it looked up of the old upper in the dentry
+        // cache; dropping unused dentries makes it look again (rare path).
+        let dropped = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        match (cleared, dropped) {
+            (Ok(()), Ok(())) => tracing::info!(upper = %upper.display(), "failed restore undone: upperdir emptied"),
+            (c, d) => tracing::error!(upper = %upper.display(), clear = ?c.err(), drop_caches = ?d.err(),
+                "a failed restore could not be undone: the next attempt may see its files"),
+        }
+    }
 }
 
 /// The unpack helper: `arch-runc:apply-rootfs ROOTFS MANIFEST`, tar on stdin.
