@@ -30,11 +30,13 @@ fn counter_layer_and_open_file_survive_checkpoint_kill_and_rerun() {
     let held_before = exec(&ctd, "job", "wc -l < /data/held.log").trim().parse::<u64>().unwrap();
     let gen = checkpoint(&ctd, "job", false, &key_dir);
     assert_eq!(ctd.task_status("job"), "RUNNING", "--leave-running keeps it running");
-    let early =
-        ctd.inst.log().iter().any(|r| {
-            r["message"].as_str().is_some_and(|m| m.starts_with("resume job: already running since checkpoint"))
-        });
-    assert!(early, "ARCH resumed the container before compressing; containerd's resume needed no runc");
+    // containerd paused it first: ARCH left it paused, and containerd's own
+    // resume (runc's) let it run again.
+    let log = ctd.inst.log();
+    assert!(log.iter().any(|r| r["message"] == "already paused: it stays paused through the checkpoint"));
+    let resume = ctd.inst.invocations().into_iter().rev().find(|r| r["subcommand"] == "resume").unwrap();
+    assert_eq!(resume["decision"], "PassThrough", "{resume}");
+    assert!(!ctd.inst.record_path(&ctd.runc_root(), "job").with_extension("frozen").exists());
     remove(&ctd, "job");
 
     start_counter(&ctd, "job", &[]);
@@ -280,5 +282,185 @@ fn a_layer_archive_corrupted_in_place_is_caught_while_unpacking() {
     start_counter(&ctd, "job", &[]);
     assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(older.as_str()));
     assert!(key_dir.join(".arch/quarantine").join(&newer).is_dir(), "the corrupt one is set aside");
+    remove(&ctd, "job");
+}
+
+/// A bundle runc can create (busybox, `runc spec`, sleeping), ARCH-enabled.
+fn runnable_bundle(inst: &Instance, name: &str) -> PathBuf {
+    let bundle = inst.path(name);
+    let bin = bundle.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let busybox = std::process::Command::new("sh").args(["-c", "command -v busybox"]).output().unwrap();
+    std::fs::copy(String::from_utf8_lossy(&busybox.stdout).trim(), bin.join("busybox")).unwrap();
+    for applet in ["sh", "sleep"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    assert!(std::process::Command::new("runc").arg("spec").current_dir(&bundle).status().unwrap().success());
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+    spec["process"]["env"].as_array_mut().unwrap().push("ARCH_ENABLE=1".into());
+    std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    bundle
+}
+
+/// The paths in a generation's layer archive.
+fn layer_files(gen_dir: &Path) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("zstd -dc {}/rootfs-diff.tar.zst | tar -t", gen_dir.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn duplicate_and_other_root_creates_leave_the_live_container_alone() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-records");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    exec(&ctd, "job", "echo kept > /data/written.txt");
+    let first = checkpoint(&ctd, "job", false, &key_dir);
+    let record = ctd.record_path("job");
+    let before = std::fs::read(&record).unwrap();
+
+    // A duplicate create of the live id, in its own root: runc refuses it.
+    let bundle = runnable_bundle(&ctd.inst, "dup-bundle");
+    let dup = arch_runc_direct(&ctd, &ctd.runc_root(), &["create", "--bundle", bundle.to_str().unwrap(), "job"])
+        .status()
+        .unwrap();
+    assert!(!dup.success(), "runc refuses a second container of one id");
+    assert_eq!(std::fs::read(&record).unwrap(), before, "the live container's record is untouched");
+    let dup_log = ctd.inst.invocations().into_iter().last().unwrap();
+    assert_eq!(dup_log["reason"], "container exists", "{dup_log}");
+
+    // The same id in another root with the same namespace (so the same
+    // default key): created, with a record of its own, and not restored from
+    // the live container's checkpoint.
+    let other_root = ctd.inst.path("other/runc").join(&ctd.ns);
+    let other_root = other_root.to_str().unwrap();
+    let other =
+        arch_runc_direct(&ctd, other_root, &["create", "--bundle", bundle.to_str().unwrap(), "job"]).status().unwrap();
+    assert!(other.success());
+    assert_eq!(runc_status(other_root, "job"), "created");
+    assert_eq!(std::fs::read(&record).unwrap(), before, "the live container's record is untouched");
+    let other_record = ctd.inst.record_path(other_root, "job");
+    assert_ne!(other_record, record);
+    assert!(other_record.exists(), "a record of its own");
+    assert!(ctd
+        .inst
+        .log()
+        .iter()
+        .any(|r| r["message"] == "the key's checkpoints belong to a live container: this one starts fresh"
+            && r["id"] == "job"));
+    assert_eq!(restored_from(&ctd.inst, "job"), None, "nothing restored");
+    assert_eq!(generations(&key_dir), std::slice::from_ref(&first), "nothing quarantined, nothing removed");
+    assert!(arch_runc_direct(&ctd, other_root, &["delete", "--force", "job"]).status().unwrap().success());
+    assert_eq!(runc_status(other_root, "job"), "");
+
+    // The live container's next checkpoint still has its writable layer.
+    let second = checkpoint(&ctd, "job", false, &key_dir);
+    let files = layer_files(&key_dir.join(".arch/generations").join(&second));
+    assert!(files.contains("data/written.txt"), "layer of the next checkpoint: {files}");
+    assert!(errors(&ctd.inst).is_empty(), "{:?}", errors(&ctd.inst));
+    remove(&ctd, "job");
+}
+
+#[test]
+fn a_paused_container_stays_paused_through_a_checkpoint_and_resume_resumes_it() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-paused");
+    let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    ctd.ok(&["task", "pause", "job"]);
+    ctd.wait_status("job", "PAUSED");
+    let before = generations(&key_dir);
+    let out = arch_runc_direct(&ctd, &ctd.runc_root(), &["checkpoint", "--leave-running", "job"]).status().unwrap();
+    assert!(out.success());
+    assert_eq!(generations(&key_dir).len(), before.len() + 1, "published");
+    assert_eq!(ctd.task_status("job"), "PAUSED", "still paused after the checkpoint");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(ctd.task_status("job"), "PAUSED");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(ctd.record_path("job")).unwrap()).unwrap();
+    assert_eq!(record["notes"], serde_json::json!({}), "no note to swallow the resume");
+
+    ctd.ok(&["task", "resume", "job"]);
+    ctd.wait_status("job", "RUNNING");
+    let a = count(&ctd, "job");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(count(&ctd, "job") > a, "really running again");
+    assert!(errors(&ctd.inst).is_empty(), "{:?}", errors(&ctd.inst));
+    remove(&ctd, "job");
+}
+
+#[test]
+fn a_checkpoint_killed_while_frozen_is_thawed_by_the_next_call_and_its_scratch_removed() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let inst = Instance::new(Path::new("/usr/sbin/runc"));
+    std::fs::create_dir(inst.path("netfs")).unwrap();
+    let shm = inst.path("shm");
+    std::fs::create_dir(&shm).unwrap();
+    std::fs::set_permissions(&shm, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    inst.configure(serde_json::json!({ "mode": "network-fs", "freeze_staging_dir": shm }));
+    let ctd = Containerd::start_with("arch-ck-killed", inst);
+    let key_dir = ctd.inst.path("netfs").join(&ctd.ns).join("job");
+    start_counter(&ctd, "job", &[]);
+    start_counter(&ctd, "other", &[]);
+    exec(&ctd, "job", "head -c 67108864 /dev/urandom > /data/big");
+    ctd.ok(&["task", "pause", "other"]);
+
+    let pid = kill_checkpoint_while_frozen(&ctd, "job");
+    let staging = ctd.inst.path("state/staging");
+    let mine = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    assert!(mine(&staging).iter().any(|n| n.ends_with(&format!("-{pid}"))), "left: {:?}", mine(&staging));
+    // A pass-through call on it (here `state`) thaws it first.
+    assert!(arch_runc_direct(&ctd, &ctd.runc_root(), &["state", "job"]).status().unwrap().success());
+    assert_eq!(runc_status(&ctd.runc_root(), "job"), "running");
+    assert!(!ctd.record_path("job").with_extension("frozen").exists());
+    assert!(ctd
+        .inst
+        .log()
+        .iter()
+        .any(|r| r["message"] == "thawed a container that a dead arch-runc had left frozen" && r["by"] == "arch-runc"));
+    assert_eq!(ctd.inst.counters().get("arch_thaws_total{by=\"arch-runc\"}"), Some(&1));
+    // One someone else paused: never thawed by ARCH.
+    assert!(arch_runc_direct(&ctd, &ctd.runc_root(), &["state", "other"]).status().unwrap().success());
+    assert_eq!(runc_status(&ctd.runc_root(), "other"), "paused");
+
+    // A restore killed mid-way leaves its scratch too; the next checkpoint
+    // removes every dead run's, and the killed one's pending generation.
+    std::fs::create_dir_all(staging.join(format!("restore-job-{pid}/images"))).unwrap();
+    std::fs::write(shm.join(format!("gen-0000000000001-{pid}.tar")), b"layer").unwrap();
+    let before = generations(&key_dir);
+    checkpoint(&ctd, "job", false, &key_dir);
+    assert_eq!(generations(&key_dir).len(), before.len() + 1);
+    assert!(!mine(&staging).iter().any(|n| n.ends_with(&format!("-{pid}"))), "left: {:?}", mine(&staging));
+    assert!(mine(&shm).is_empty(), "left: {:?}", mine(&shm));
+    assert!(!mine(&key_dir.join(".arch")).iter().any(|n| n.starts_with("pending-")));
+    assert!(ctd.inst.counters().contains_key("arch_leftovers_removed_total{kind=\"staging\"}"));
+    assert_eq!(ctd.inst.counters().get("arch_leftovers_removed_total{kind=\"restore\"}"), Some(&1));
+
+    // A handled call thaws too (under the container's lock).
+    kill_checkpoint_while_frozen(&ctd, "job");
+    let before = generations(&key_dir);
+    let out = arch_runc_direct(&ctd, &ctd.runc_root(), &["checkpoint", "--leave-running", "job"]).status().unwrap();
+    assert!(out.success());
+    assert_eq!(runc_status(&ctd.runc_root(), "job"), "running");
+    assert_eq!(generations(&key_dir).len(), before.len() + 1);
+    assert_eq!(ctd.inst.counters().get("arch_thaws_total{by=\"arch-runc\"}"), Some(&2));
+    ctd.ok(&["task", "resume", "other"]);
+    remove(&ctd, "other");
     remove(&ctd, "job");
 }

@@ -74,7 +74,7 @@ fn finish(ctd: &Containerd, id: &str) {
 }
 
 fn record_exit(ctd: &Containerd, id: &str) -> Option<serde_json::Value> {
-    let path = ctd.inst.path("state/containers").join(&ctd.ns).join(format!("{id}.json"));
+    let path = ctd.record_path(id);
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some(record["exit"].clone()).filter(|e| !e.is_null())
 }
@@ -151,7 +151,8 @@ fn exits_while_watch_was_stopped_are_reconciled_at_its_next_start() {
     finish(&ctd, "gone");
     ctd.ok(&["task", "delete", "gone"]);
     ctd.ok(&["container", "delete", "gone"]);
-    assert!(ctd.inst.path(&format!("state/ended/{}/gone.json", ctd.ns)).exists(), "delete keeps an ended record");
+    let gone_ended = ctd.inst.ended_record_path(&ctd.runc_root(), "gone");
+    assert!(gone_ended.exists(), "delete keeps an ended record");
 
     let once = ctd.inst.archctl().args(["watch", "--once", "--containerd"]).arg(ctd.socket()).output().unwrap();
     assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
@@ -160,7 +161,7 @@ fn exits_while_watch_was_stopped_are_reconciled_at_its_next_start() {
     assert_eq!(record_exit(&ctd, "killed").unwrap()["status"], 137);
     assert_eq!(generations(&killed).len(), 1);
     assert_eq!(generations(&gone).len(), 1, "an unknown exit keeps the checkpoints");
-    assert!(!ctd.inst.path(&format!("state/ended/{}/gone.json", ctd.ns)).exists(), "settled, forgotten");
+    assert!(!gone_ended.exists(), "settled, forgotten");
     assert!(record_exit(&ctd, "running").is_none(), "a running job is left alone");
     assert_eq!(generations(&running).len(), 1);
 
@@ -213,4 +214,78 @@ fn watch_serves_metrics_over_http() {
     assert!(page.contains("Content-Type: text/plain; version=0.0.4"), "{page}");
     assert!(page.contains("\narch_checkpoint_attempts_total 3\n"), "{page}");
     assert!(missing.unwrap().starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn watch_thaws_what_a_killed_checkpoint_left_frozen_never_what_someone_paused() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("thaw");
+    let _watch = Watch::start(&ctd);
+    start_armed(&ctd, "frozen", &[], JOB);
+    start_armed(&ctd, "paused", &[], JOB);
+    exec(&ctd, "frozen", "head -c 67108864 /dev/urandom > /big");
+    ctd.ok(&["task", "pause", "paused"]);
+
+    // kill_checkpoint_while_frozen waits 1.5 s: watch may thaw it before it
+    // looks, so it is not asked to see "paused" afterwards.
+    let marker = ctd.record_path("frozen").with_extension("frozen");
+    let root = ctd.runc_root();
+    let mut caught = None;
+    for _attempt in 0..5 {
+        let mut victim = arch_runc_direct(&ctd, &root, &["checkpoint", "--leave-running", "frozen"]).spawn().unwrap();
+        while victim.try_wait().unwrap().is_none() {
+            if marker.exists() && runc_status(&root, "frozen") == "paused" {
+                victim.kill().unwrap();
+                victim.wait().unwrap();
+                // Not caught if it was already resuming it.
+                caught = (marker.exists() && runc_status(&root, "frozen") == "paused").then_some(victim.id());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        victim.wait().unwrap();
+        if caught.is_some() {
+            break;
+        }
+    }
+    let pid = caught.expect("a checkpoint caught while frozen");
+    wait_for(|| runc_status(&root, "frozen") == "running", "watch thawed the container");
+    wait_for(|| !marker.exists(), "the marker went");
+    let log = ctd.inst.log();
+    let thawed: Vec<_> = log.iter().filter(|r| r["target"] == "arch::freeze").collect();
+    assert!(
+        thawed
+            .iter()
+            .any(|r| r["message"] == "thawed a container that a dead arch-runc had left frozen" && r["by"] == "watch"),
+        "{thawed:?}\n{:?}",
+        log.iter().rev().take(15).collect::<Vec<_>>()
+    );
+    assert!(ctd.inst.counters().get("arch_thaws_total{by=\"watch\"}").is_some_and(|n| *n >= 1));
+    let staging = ctd.inst.path("state/staging");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&staging)
+            .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    };
+    std::fs::create_dir_all(staging.join(format!("restore-frozen-{pid}/work"))).unwrap();
+    wait_for(|| left().is_empty(), "watch's sweep removed the killed runs' scratch");
+    let pending = ctd.inst.path("checkpoints").join(&ctd.ns).join("frozen/.arch");
+    wait_for(
+        || {
+            std::fs::read_dir(&pending)
+                .map(|e| !e.flatten().any(|e| e.file_name().to_string_lossy().starts_with("pending-")))
+                .unwrap_or(true)
+        },
+        "watch's sweep removed the killed checkpoint's pending generation",
+    );
+
+    // Paused by someone else: watch never thaws it, and runc resumes it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(runc_status(&root, "paused"), "paused");
+    ctd.ok(&["task", "resume", "paused"]);
+    assert_eq!(runc_status(&root, "paused"), "running");
+    remove(&ctd, "paused");
+    remove(&ctd, "frozen");
 }

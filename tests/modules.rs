@@ -136,6 +136,19 @@ fn builtin_start_of_a_restored_container_needs_no_runc() {
 }
 
 #[test]
+fn builtin_resume_is_runcs_even_with_an_old_early_resume_note() {
+    let h = Harness::new();
+    let (ctx, recorder) = h.context("resume c1", &[("ARCH_ENABLE", "1")], &[], 0);
+    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
+    record.notes.insert("resumed-after-checkpoint".into(), "gen-1".into());
+    Records::store(&ctx.record_path, &record).unwrap();
+    let path = ctx.record_path.clone();
+    assert_eq!(h.run_builtin("resume", ctx).0.unwrap(), Decision::PassThrough, "runc resumes it");
+    assert!(recorder.calls.lock().unwrap().is_empty());
+    assert!(Records::load(&path).unwrap().unwrap().notes.is_empty(), "the old note is dropped");
+}
+
+#[test]
 fn builtin_create_refuses_hostile_keys_and_starts_fresh() {
     let h = Harness::new();
     for key in ["../../etc", "/etc", &"k".repeat(5000)] {

@@ -27,7 +27,7 @@ fn containers_exit_with_their_own_status_with_and_without_arch() {
     for sub in ["create", "start", "delete"] {
         assert!(armed.contains(&(sub.to_owned(), true)), "{sub} handled for the ARCH container: {armed:?}");
     }
-    assert!(!ctd.inst.path(&format!("state/containers/{}/armed.json", ctd.ns)).exists(), "record gone after delete");
+    assert!(!ctd.record_path("armed").exists(), "record gone after delete");
 }
 
 #[test]

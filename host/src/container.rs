@@ -115,10 +115,54 @@ pub struct Exit {
     pub action: String,
 }
 
-/// Where records live: `<state_dir>/containers/<runc root key>/<id>.json`.
+/// runc's `--root` when none is given (as root, outside a user namespace).
+pub const RUNC_DEFAULT_ROOT: &str = "/run/runc";
+
+/// A runc `--root` as runc itself resolves it (`filepath.Abs`): absolute
+/// against the current directory, then cleaned lexically, so that
+/// `/run/runc/`, `/run/./runc` and no `--root` at all name one root.
+pub fn clean_root(root: Option<&str>) -> PathBuf {
+    use std::path::Component;
+    let given = Path::new(root.unwrap_or(RUNC_DEFAULT_ROOT));
+    let absolute = if given.is_absolute() {
+        given.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")).join(given)
+    };
+    let mut clean = PathBuf::from("/");
+    for c in absolute.components() {
+        match c {
+            Component::Normal(part) => clean.push(part),
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    clean
+}
+
+/// The directory of the records of one runc root: `<label>@<digest>`, where
+/// the label is containerd's namespace for the root (else the root's last
+/// component) so that people can read it, and the digest (48 bits of the
+/// SHA-256 of the cleaned root) keeps two roots of one label apart.
+pub fn root_dir_name(root: &Path) -> String {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let text = root.to_str().unwrap_or_default();
+    let label = namespace_from_root(text)
+        .or_else(|| root.file_name().and_then(|n| n.to_str()).filter(|n| is_valid_id(n)))
+        .unwrap_or("root");
+    let digest = sha2::Sha256::digest(root.as_os_str().as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{label}@{hex}")
+}
+
+/// Where records live: `<state_dir>/containers/<label>@<digest>/<id>.json`
+/// (see [`root_dir_name`]).
 ///
-/// Records are keyed by what every runc call of a container repeats: its
-/// `--root` (as a namespace where it has containerd's layout) and its id.
+/// Records are keyed by what identifies a container to runc: its `--root`
+/// and its id. Two roots never share a record, whatever their namespaces.
 #[derive(Debug, Clone)]
 pub struct Records {
     dir: PathBuf,
@@ -135,8 +179,37 @@ impl Records {
         if !is_valid_id(id) {
             return None;
         }
-        let key = root.and_then(namespace_from_root).unwrap_or("default");
-        Some(self.dir.join(key).join(format!("{id}.json")))
+        Some(self.dir.join(root_dir_name(&clean_root(root))).join(format!("{id}.json")))
+    }
+
+    /// Moves a record written by an ARCH before records were keyed by root
+    /// (`containers/<namespace or "default">/<id>.json`) to `to`, if it is
+    /// this root's; returns whether it did. A no-op (one failed `stat`) once
+    /// every such record has moved.
+    pub fn adopt_legacy(&self, root: Option<&str>, id: &str, to: &Path) -> bool {
+        let ns = root.and_then(namespace_from_root);
+        let legacy = self.dir.join(ns.unwrap_or("default")).join(format!("{id}.json"));
+        let Ok(Some(record)) = Self::load(&legacy) else { return false };
+        // A legacy `default` directory held every root without containerd's layout.
+        let same_root = match record.runc_root.as_deref() {
+            Some(theirs) => clean_root(Some(theirs)) == clean_root(root),
+            None => ns.is_some(),
+        };
+        if !same_root || to.exists() {
+            return false;
+        }
+        let moved = to.parent().map_or(Ok(()), create_private_dir).and_then(|()| std::fs::rename(&legacy, to));
+        match moved {
+            Ok(()) => {
+                let _ = remove_if_present(&legacy.with_extension("lock"));
+                tracing::info!(from = %legacy.display(), to = %to.display(), "ARCH record moved to its root's directory");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(record = %legacy.display(), error = %e, "could not move a legacy ARCH record");
+                false
+            }
+        }
     }
 
     pub fn load(path: &Path) -> std::io::Result<Option<Record>> {
@@ -159,7 +232,7 @@ impl Records {
 
     /// Drops the record and its lock file (see `dispatch::lock`): the
     /// container is no longer ARCH's. The record moves to
-    /// `<state_dir>/ended/<ns>/<id>.json`, for `archctl watch` to settle
+    /// `<state_dir>/ended/<root dir>/<id>.json`, for `archctl watch` to settle
     /// its checkpoints once it knows how the container exited.
     pub fn forget(path: &Path) -> std::io::Result<()> {
         if let Some(ended) = ended_path(path) {
@@ -178,11 +251,9 @@ impl Records {
     /// Every record, live (`containers/`) and ended (`ended/`), by path.
     pub fn all(&self) -> Vec<(PathBuf, bool)> {
         let mut found = Vec::new();
-        let state_dir = self.dir.parent().unwrap_or(Path::new("/"));
-        for (top, ended) in [(self.dir.clone(), false), (state_dir.join("ended"), true)] {
-            let Ok(namespaces) = std::fs::read_dir(&top) else { continue };
-            for ns in namespaces.flatten() {
-                let Ok(files) = std::fs::read_dir(ns.path()) else { continue };
+        for (top, ended) in [(self.dir.clone(), false), (self.ended_dir(), true)] {
+            for dir in subdirs(&top) {
+                let Ok(files) = std::fs::read_dir(dir) else { continue };
                 for f in files.flatten() {
                     let path = f.path();
                     if path.extension().is_some_and(|e| e == "json") {
@@ -195,18 +266,51 @@ impl Records {
         found
     }
 
-    /// Where the record of container `id` in namespace `ns` is, live or ended.
+    /// The directories of live records, one per runc root.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        subdirs(&self.dir)
+    }
+
+    fn ended_dir(&self) -> PathBuf {
+        self.dir.parent().unwrap_or(Path::new("/")).join("ended")
+    }
+
+    /// Where the record of container `id` in containerd namespace `ns` is,
+    /// live or ended (what containerd's events name a container by). Among
+    /// several roots, the one whose root is that namespace's comes first,
+    /// then live records before ended ones.
     pub fn find(&self, ns: &str, id: &str) -> Option<(PathBuf, bool)> {
         if !is_valid_id(id) || !is_valid_id(ns) {
             return None;
         }
-        let live = self.dir.join(ns).join(format!("{id}.json"));
-        let ended = ended_path(&live)?;
-        [(live, false), (ended, true)].into_iter().find(|(p, _)| p.is_file())
+        let file = format!("{id}.json");
+        let mut found = Vec::new();
+        for (top, ended) in [(self.dir.clone(), false), (self.ended_dir(), true)] {
+            for dir in subdirs(&top) {
+                let path = dir.join(&file);
+                let Ok(Some(record)) = Self::load(&path) else { continue };
+                if record.namespace != ns {
+                    continue;
+                }
+                let roots_ns = record.runc_root.as_deref().and_then(namespace_from_root) == Some(ns);
+                found.push(((!roots_ns, ended), path));
+            }
+        }
+        found.sort();
+        found.into_iter().next().map(|((_, ended), path)| (path, ended))
     }
 }
 
-/// `<state_dir>/containers/<ns>/<id>.json` → `<state_dir>/ended/<ns>/<id>.json`.
+/// The directories directly under `dir` (none if it does not exist).
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> =
+        entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
+    dirs.sort();
+    dirs
+}
+
+/// `<state_dir>/containers/<dir>/<id>.json` → `<state_dir>/ended/<dir>/<id>.json`.
 fn ended_path(live: &Path) -> Option<PathBuf> {
     let ns_dir = live.parent()?;
     let state_dir = ns_dir.parent()?.parent()?;
@@ -300,11 +404,85 @@ mod tests {
         assert_eq!(namespace_from_bundle(Path::new("/tmp/bundle")), None);
     }
 
+    fn record(ns: &str, id: &str, root: Option<&str>) -> Record {
+        Record {
+            namespace: ns.into(),
+            id: id.into(),
+            bundle: "/b".into(),
+            facts: Default::default(),
+            notes: Default::default(),
+            runc_root: root.map(str::to_owned),
+            exit: None,
+        }
+    }
+
     #[test]
-    fn record_paths_refuse_bad_ids() {
+    fn record_paths_are_keyed_by_root_and_id() {
         let r = Records::new(Path::new("/s"));
-        assert_eq!(r.path(Some("/run/containerd/runc/ns"), "c1"), Some(PathBuf::from("/s/containers/ns/c1.json")));
-        assert_eq!(r.path(None, "c1"), Some(PathBuf::from("/s/containers/default/c1.json")));
+        let ctd = r.path(Some("/run/containerd/runc/ns"), "c1").unwrap();
+        let dir = ctd.parent().unwrap().file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(dir.starts_with("ns@") && dir.len() == "ns@".len() + 12, "{dir}");
+        assert_eq!(ctd.file_name().unwrap(), "c1.json");
+        assert!(ctd.starts_with("/s/containers"));
+        // Another root with the same namespace: another record.
+        let other = r.path(Some("/tmp/x/runc/ns"), "c1").unwrap();
+        assert_ne!(other, ctd);
+        assert!(other.parent().unwrap().file_name().unwrap().to_str().unwrap().starts_with("ns@"));
+        // One root, however it is written.
+        assert_eq!(r.path(Some("/run/containerd/runc/ns/"), "c1").unwrap(), ctd);
+        assert_eq!(r.path(Some("/run/containerd/./runc/x/../ns"), "c1").unwrap(), ctd);
+        assert_eq!(r.path(None, "c1"), r.path(Some("/run/runc"), "c1"));
+        assert!(r.path(None, "c1").unwrap().to_str().unwrap().contains("/runc@"));
+        assert!(r.path(Some("/"), "c1").unwrap().to_str().unwrap().contains("/root@"));
+        assert_ne!(r.path(None, "c1"), r.path(None, "c2"));
         assert_eq!(r.path(None, "../etc/passwd"), None);
+        assert_eq!(r.path(Some("/run/containerd/runc/ns"), ".."), None);
+    }
+
+    #[test]
+    fn relative_roots_resolve_against_the_cwd() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(clean_root(Some("r")), cwd.join("r"));
+        assert_eq!(clean_root(Some("/a/b/../../..")), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn find_prefers_the_namespace_root_then_live_records() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Records::new(d.path());
+        let ctd_root = "/run/containerd/runc/ns";
+        let elsewhere = "/var/lib/other";
+        assert_eq!(r.find("ns", "c1"), None);
+        let p_other = r.path(Some(elsewhere), "c1").unwrap();
+        Records::store(&p_other, &record("ns", "c1", Some(elsewhere))).unwrap();
+        assert_eq!(r.find("ns", "c1"), Some((p_other.clone(), false)));
+        let p_ctd = r.path(Some(ctd_root), "c1").unwrap();
+        Records::store(&p_ctd, &record("ns", "c1", Some(ctd_root))).unwrap();
+        assert_eq!(r.find("ns", "c1"), Some((p_ctd.clone(), false)));
+        Records::forget(&p_ctd).unwrap();
+        let (ended, true) = r.find("ns", "c1").unwrap() else { panic!("the ended record of the namespace's root") };
+        assert!(ended.starts_with(d.path().join("ended")));
+        assert_eq!(r.find("other-ns", "c1"), None);
+        assert_eq!(r.all().len(), 2);
+    }
+
+    #[test]
+    fn legacy_records_move_to_their_roots_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Records::new(d.path());
+        let root = "/run/containerd/runc/ns";
+        let legacy = d.path().join("containers/ns/c1.json");
+        Records::store(&legacy, &record("ns", "c1", Some(root))).unwrap();
+        let to = r.path(Some(root), "c1").unwrap();
+        assert!(!r.adopt_legacy(Some("/tmp/runc/ns"), "c1", &r.path(Some("/tmp/runc/ns"), "c1").unwrap()));
+        assert!(legacy.exists(), "another root's call leaves it");
+        assert!(r.adopt_legacy(Some(root), "c1", &to));
+        assert!(!legacy.exists() && Records::load(&to).unwrap().unwrap().id == "c1");
+        assert!(!r.adopt_legacy(Some(root), "c1", &to), "nothing left to move");
+        // `default` held every other root: only the record's own root takes it.
+        let legacy = d.path().join("containers/default/c2.json");
+        Records::store(&legacy, &record("default", "c2", Some("/x/root"))).unwrap();
+        assert!(!r.adopt_legacy(None, "c2", &r.path(None, "c2").unwrap()));
+        assert!(r.adopt_legacy(Some("/x/root/"), "c2", &r.path(Some("/x/root"), "c2").unwrap()));
     }
 }

@@ -8,6 +8,7 @@
 //!    fails open: the call behaves as plain runc, and the failure is logged.
 
 use crate::argv::{self, Invocation};
+use crate::checkpoint::freeze;
 use crate::config::Config;
 use crate::container::{self, BundleFacts, Record, Records};
 use crate::metrics::Metrics;
@@ -76,7 +77,7 @@ impl Call {
             Ok(runc) => runc,
             Err(e) => return self.fail(&e.to_string(), "no runc"),
         };
-        let route = self.route();
+        let route = self.route(&runc);
         let command = [("command", self.inv.subcommand.unwrap_or("none"))];
         match route {
             Route::PassThrough(reason) => {
@@ -94,7 +95,7 @@ impl Call {
     }
 
     /// Decides, as cheaply as possible, whether ARCH handles this call.
-    fn route(&mut self) -> Route {
+    fn route(&mut self, runc: &Path) -> Route {
         if !self.report.reason.is_empty() {
             // Already decided: a refused config or a non-UTF-8 argv.
             return Route::PassThrough(self.report.reason);
@@ -102,6 +103,7 @@ impl Call {
         let inv = &self.inv;
         let Some(sub) = inv.subcommand else { return Route::PassThrough("not a runc subcommand") };
         if !modules::handled(sub) {
+            self.thaw_if_left_frozen(runc, sub);
             return Route::PassThrough("no handler");
         }
         if inv.is_help_or_version() {
@@ -113,6 +115,9 @@ impl Call {
         let Some(record_path) = records.path(inv.global("root"), &id) else {
             return Route::PassThrough("container id runc would refuse");
         };
+        if !record_path.exists() {
+            records.adopt_legacy(inv.global("root"), &id, &record_path);
+        }
         if sub != "create" {
             return match Records::load(&record_path) {
                 Ok(Some(record)) => {
@@ -135,10 +140,24 @@ impl Call {
             .unwrap_or("default")
             .to_owned();
         self.report.namespace = namespace.clone();
-        // A record left by an earlier container of this id must not route
-        // this one, whatever happens next.
-        if let Err(e) = Records::remove(&record_path) {
-            tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
+        if record_path.exists() {
+            // runc still has a container of this id in this root: it will
+            // refuse this create, and the record is that container's.
+            if let Some(status) = runc::status(runc, inv.global("root"), &id) {
+                tracing::info!(id, status, "create of an existing container: runc decides, its ARCH record stays");
+                return Route::PassThrough("container exists");
+            }
+            // Left by an earlier container of this id that runc no longer
+            // knows: it must not route this one, whatever happens next.
+            let removed = Records::remove(&record_path).and_then(|()| {
+                match std::fs::remove_file(freeze::marker_path(&record_path)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = removed {
+                tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
+            }
         }
         let facts = match BundleFacts::load(&bundle) {
             Ok(facts) => facts,
@@ -178,6 +197,8 @@ impl Call {
                 return self.fail_open(runc, None, "ARCH record gone");
             }
         };
+        // Under the lock, a freeze marker's owner is dead: thaw before anything.
+        freeze::recover(&self.config, runc, &record_path, "arch-runc");
         let sub = self.inv.subcommand.unwrap_or_default();
         let resolution = modules::resolve(&self.config.modules_dir, sub);
         if let Some(refusal) = &resolution.refused {
@@ -225,6 +246,16 @@ impl Call {
             },
             Decision::Exit(status) => self.finish(status, "exit"),
             Decision::Fail(message) => self.fail(&message, "handler failed the call"),
+        }
+    }
+
+    /// A pass-through call on a container that a dead arch-runc left frozen
+    /// thaws it first; otherwise this costs one failed `stat`.
+    fn thaw_if_left_frozen(&self, runc: &Path, sub: &str) {
+        let Some(id) = self.inv.container_id.as_deref() else { return };
+        let Some(record) = Records::new(&self.config.state_dir).path(self.inv.global("root"), id) else { return };
+        if freeze::marker_path(&record).symlink_metadata().is_ok() {
+            freeze::recover_unlocked(&self.config, runc, &record, sub);
         }
     }
 

@@ -139,9 +139,13 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
     Ok(if ttl == 0 { "removed".into() } else { format!("expires in {ttl}s") })
 }
 
-/// Housekeeping between events: finished keys past their TTL go, and so do
-/// the records of deleted containers that have been settled.
+/// Housekeeping between events: containers left frozen by a dead arch-runc
+/// are thawed, what killed checkpoints and restores left is removed,
+/// finished keys past their TTL go, and so do the records of deleted
+/// containers that have been settled.
 pub fn sweep(config: &Config) -> anyhow::Result<()> {
+    crate::checkpoint::freeze::thaw_orphans(config);
+    crate::checkpoint::scratch::sweep(config);
     for (location, bytes) in catalog::expire_completed(config)? {
         Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
         tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "finished job's checkpoints expired");

@@ -67,6 +67,16 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ("arch_exits_total", "counter", "Exits of ARCH-enabled containers seen by archctl watch, by outcome."),
     ("arch_checkpoints_removed_total", "counter", "Checkpoint keys or generations removed, by reason."),
     ("arch_module_events_total", "counter", "Counters of custom modules, by name."),
+    (
+        "arch_thaws_total",
+        "counter",
+        "Containers a killed arch-runc had left frozen, thawed, by who thawed them (arch-runc, watch).",
+    ),
+    (
+        "arch_leftovers_removed_total",
+        "counter",
+        "Scratch of killed checkpoints and restores removed, by kind (staging, restore, freeze, pending).",
+    ),
     ("arch_phase_duration_seconds", "histogram", "Duration of checkpoint and restore phases, by operation and phase."),
 ];
 

@@ -75,6 +75,21 @@ pub fn run(runc: &Path, args: &[String]) -> Result<i32, RuncError> {
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
+/// What `runc [--root ROOT] state ID` says of a container: its status
+/// (`created`, `running`, `pausing`, `paused`, `stopped`), or `None` if runc
+/// does not know it. Only `--root` is passed: an error must never land in
+/// the caller's `--log`.
+pub fn status(runc: &Path, root: Option<&str>, id: &str) -> Option<String> {
+    let mut cmd = std::process::Command::new(runc);
+    if let Some(root) = root {
+        cmd.args(["--root", root]);
+    }
+    let out =
+        cmd.args(["state", id]).stdin(std::process::Stdio::null()).stderr(std::process::Stdio::null()).output().ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    out.status.success().then(|| state["status"].as_str().map(str::to_owned)).flatten()
+}
+
 /// Fails the way runc fails: the message goes to runc's `--log` file (in its
 /// `--log-format`) and to stderr, and the caller exits 1. containerd reads the
 /// error from the log file, so this is how a refusal reaches the operator.

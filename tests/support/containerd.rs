@@ -78,6 +78,16 @@ impl Containerd {
         assert!(status.success(), "private containerd did not restart");
     }
 
+    /// The runc root containerd's shim uses for this namespace.
+    pub fn runc_root(&self) -> String {
+        format!("/run/containerd/runc/{}", self.ns)
+    }
+
+    /// ARCH's record of container `id` of this namespace.
+    pub fn record_path(&self, id: &str) -> PathBuf {
+        self.inst.record_path(&self.runc_root(), id)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")
     }
@@ -195,6 +205,53 @@ pub fn checkpoint(ctd: &Containerd, id: &str, exit: bool, key_dir: &Path) -> Str
     let new: Vec<_> = after.iter().filter(|g| !before.contains(g)).cloned().collect();
     assert_eq!(new.len(), 1, "one new generation: before {before:?} after {after:?}; log: {:?}", errors(&ctd.inst));
     new[0].clone()
+}
+
+/// `arch-runc --root <namespace's root> ARGS...`, stdio closed (a create
+/// leaves the container's init holding what it inherits).
+pub fn arch_runc_direct(ctd: &Containerd, root: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = ctd.inst.arch_runc();
+    cmd.args(["--root", root]).args(args);
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// What `runc state` says of container `id` of root `root` (`""`: unknown).
+pub fn runc_status(root: &str, id: &str) -> String {
+    let out = Command::new("runc").args(["--root", root, "state", id]).output().unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    state["status"].as_str().unwrap_or("").to_owned()
+}
+
+/// Starts `arch-runc checkpoint --leave-running` of `id` and SIGKILLs it
+/// while ARCH has the container frozen (its freeze marker written and runc
+/// saying "paused"); returns the killed pid. A layer of some size keeps the
+/// frozen part long enough to catch.
+pub fn kill_checkpoint_while_frozen(ctd: &Containerd, id: &str) -> u32 {
+    let root = ctd.runc_root();
+    let marker = ctd.record_path(id).with_extension("frozen");
+    for _attempt in 0..5 {
+        let mut victim = arch_runc_direct(ctd, &root, &["checkpoint", "--leave-running", id]).spawn().unwrap();
+        let pid = victim.id();
+        loop {
+            if victim.try_wait().unwrap().is_some() {
+                break;
+            }
+            if marker.exists() && runc_status(&root, id) == "paused" {
+                victim.kill().unwrap();
+                victim.wait().unwrap();
+                if !marker.exists() || runc_status(&root, id) != "paused" {
+                    break; // it was already resuming it: try again
+                }
+                // Let the orphaned runc checkpoint (CRIU) finish its dump.
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                assert_eq!(runc_status(&root, id), "paused", "left frozen by the killed arch-runc");
+                return pid;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    panic!("no checkpoint of {id} could be caught while frozen");
 }
 
 pub fn generations(key_dir: &Path) -> Vec<String> {

@@ -69,6 +69,15 @@ impl Instance {
         Instance { dir, config: path }
     }
 
+    /// Sets more config keys (values may name the instance's own paths).
+    pub fn configure(&self, extra: serde_json::Value) {
+        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&self.config).unwrap()).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::write(&self.config, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -104,6 +113,18 @@ impl Instance {
         std::fs::copy(wasm, &dest).unwrap();
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).unwrap();
         dest
+    }
+
+    /// Where ARCH keeps its record of container `id` of runc root `root`.
+    pub fn record_path(&self, root: &str, id: &str) -> PathBuf {
+        arch::container::Records::new(&self.path("state")).path(Some(root), id).unwrap()
+    }
+
+    /// Where that record goes after `delete`, until watch settles it.
+    pub fn ended_record_path(&self, root: &str, id: &str) -> PathBuf {
+        let live = self.record_path(root, id);
+        let dir = live.parent().unwrap().file_name().unwrap();
+        self.path("state/ended").join(dir).join(live.file_name().unwrap())
     }
 
     /// Every counter series (`family{labels}`) recorded so far.

@@ -48,6 +48,10 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     runtime.block_on(watch(config, args))
 }
 
+/// How often watch looks for containers that a killed arch-runc left frozen
+/// (a directory listing per runc root; `--sweep-secs` if that is shorter).
+const THAW_PERIOD: Duration = Duration::from_secs(2);
+
 enum Stop {
     Signal,
     Once,
@@ -65,9 +69,12 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     // Each (re)connect's reconciliation sweeps too: the first tick waits a period.
     let period = Duration::from_secs(args.sweep_secs.max(1));
     let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // A container left frozen by a killed arch-runc must not wait a whole sweep.
+    let thaw_period = period.min(THAW_PERIOD);
+    let mut thaw = tokio::time::interval_at(tokio::time::Instant::now() + thaw_period, thaw_period);
     let mut backoff = Duration::from_millis(250);
     loop {
-        match follow(config, &address, args.once, &mut sweep, &mut term, &mut int).await {
+        match follow(config, &address, args.once, (&mut sweep, &mut thaw), &mut term, &mut int).await {
             Ok(Stop::Signal | Stop::Once) => return Ok(0),
             Err(e) if args.once => {
                 return Err(CtlError::Unavailable(format!("containerd at {}: {e:#}", address.display())).into())
@@ -91,7 +98,7 @@ async fn follow(
     config: &Config,
     address: &std::path::Path,
     once: bool,
-    sweep: &mut tokio::time::Interval,
+    (sweep, thaw): (&mut tokio::time::Interval, &mut tokio::time::Interval),
     term: &mut Signal,
     int: &mut Signal,
 ) -> anyhow::Result<Stop> {
@@ -112,6 +119,9 @@ async fn follow(
                 if let Err(e) = lifecycle::sweep(config) {
                     tracing::warn!(target: "arch::watch", error = format!("{e:#}"), "sweep failed");
                 }
+            }
+            _ = thaw.tick() => {
+                crate::checkpoint::freeze::thaw_orphans(config);
             }
             _ = term.recv() => return Ok(Stop::Signal),
             _ = int.recv() => return Ok(Stop::Signal),
@@ -245,13 +255,8 @@ async fn reconcile(config: &Config, channel: Channel) {
 /// Whether `runc state` reports the container as created, running or paused.
 fn runc_says_alive(config: &Config, root: Option<&str>, id: &str) -> bool {
     let Ok(runc) = crate::runc::find(config.runc.as_deref()) else { return false };
-    let mut cmd = std::process::Command::new(runc);
-    if let Some(root) = root {
-        cmd.args(["--root", root]);
-    }
-    let Ok(out) = cmd.args(["state", id]).stderr(std::process::Stdio::null()).output() else { return false };
-    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    out.status.success() && matches!(state["status"].as_str(), Some("created" | "running" | "paused" | "pausing"))
+    crate::runc::status(&runc, root, id)
+        .is_some_and(|s| matches!(s.as_str(), "created" | "running" | "paused" | "pausing"))
 }
 
 /// A minimal HTTP/1.1 server: `GET /metrics` answers Prometheus text, anything else 404.

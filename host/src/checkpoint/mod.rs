@@ -4,10 +4,12 @@
 //! take, which generation to try, what to do on failure) is the modules'.
 
 pub mod catalog;
+pub mod freeze;
 pub mod key;
 pub mod manifest;
 pub mod metadata;
 pub mod rootfs;
+pub mod scratch;
 pub mod store;
 pub mod untrusted;
 
@@ -41,10 +43,6 @@ pub struct TakeRequest<'a> {
     pub options: CriuOptions,
     /// containerd's `--image-path`: it imports the CRIU images from there.
     pub export_images_to: Option<&'a Path>,
-    /// Called as soon as ARCH has resumed a container its caller paused, so
-    /// that the caller's own `resume` can succeed without runc even if the
-    /// checkpoint then fails.
-    pub on_resumed_early: &'a dyn Fn(&str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,15 +75,6 @@ fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
-/// Runs runc with its stdio captured (for ARCH's own pause/resume, whose
-/// messages are not the caller's business); returns the status.
-fn runc_quiet(runc: &Path, args: &[String]) -> i32 {
-    match Command::new(runc).args(args).stdin(Stdio::null()).output() {
-        Ok(o) => o.status.code().unwrap_or(128),
-        Err(_) => 127,
-    }
-}
-
 fn with_globals(globals: &[String], rest: &[&str]) -> Vec<String> {
     globals.iter().cloned().chain(rest.iter().map(|s| s.to_string())).collect()
 }
@@ -105,6 +94,7 @@ pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
     let store = Store::new(req.target.location);
     let _lock =
         store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.target.location.dir.display())))?;
+    scratch::clean(req.target.config);
     let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
     let pending = store.begin(&name).map_err(|e| TakeError::NotRun(format!("creating a generation: {e}")))?;
     let result = take_into(req, &store, &pending);
@@ -148,11 +138,10 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let _staging = StagingGuard(if req.target.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
 
     // With --leave-running the files must match the memory image: keep the
-    // container frozen from the dump until its layer is captured. (containerd
-    // pauses before it checkpoints; then `pause` fails and containerd resumes.)
+    // container frozen from the dump until its layer is captured (a guard:
+    // every return thaws it). One paused before stays paused (see `freeze`).
     let frozen_at = Instant::now();
-    let paused_by_us = req.leave_running
-        && runc_quiet(req.target.runc, &with_globals(req.target.globals, &["pause", req.target.id])) == 0;
+    let mut frozen = freeze::Freeze::begin(&req.target, req.leave_running);
     let mut argv = with_globals(
         req.target.globals,
         &["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)],
@@ -167,7 +156,6 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
-        resume_if(req, paused_by_us);
         return Err(TakeError::Runc(status));
     }
     let mut meta = Metadata {
@@ -196,23 +184,13 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
             );
             None
         }
-        Err(e) => {
-            resume_if(req, paused_by_us);
-            return Err(incomplete("finding the rootfs upperdir", &e));
-        }
+        Err(e) => return Err(incomplete("finding the rootfs upperdir", &e)),
     };
     let started = Instant::now();
     let captured = match (&upper, req.leave_running) {
         (None, _) => None,
         (Some(upper), leave_running) => {
-            let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e));
-            let survey = match survey {
-                Ok(s) => s,
-                Err(e) => {
-                    resume_if(req, paused_by_us);
-                    return Err(e);
-                }
-            };
+            let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e))?;
             let archive = if !leave_running {
                 // Stopped by CRIU: nothing changes the layer any more; stream it.
                 rootfs::capture(upper, &survey, pending.pinned()).map_err(|e| incomplete("capturing the rootfs", &e))?
@@ -224,7 +202,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
                     .unwrap_or_else(|| local.join("rootfs-diff.tar"));
                 let copied = rootfs::stage(upper, &survey, &staged);
                 meta.phases_ms.insert("rootfs_copy".into(), ms(started));
-                resume_after_freeze(req, paused_by_us, name);
+                frozen.thaw();
                 meta.phases_ms.insert("freeze".into(), ms(frozen_at));
                 let compressed = copied.and_then(|()| rootfs::compress(&staged, pending.pinned()));
                 let _ = std::fs::remove_file(&staged);
@@ -240,7 +218,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         }
     };
     if upper.is_none() && req.leave_running {
-        resume_after_freeze(req, paused_by_us, name);
+        frozen.thaw();
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
     if let Some((bytes, manifest, content)) = captured {
@@ -334,24 +312,6 @@ fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
     let avail = if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } == 0 { st.f_bavail * st.f_frsize } else { 0 };
     // Leave a quarter of it free: tmpfs is memory.
     (ours && bytes + bytes / 3 + (1 << 20) < avail).then(|| dir.join(format!("{name}.tar")))
-}
-
-/// Resumes the container; true if runc did.
-fn resume(req: &TakeRequest) -> bool {
-    runc_quiet(req.target.runc, &with_globals(req.target.globals, &["resume", req.target.id])) == 0
-}
-
-/// Lets the container run again after the frozen part of a checkpoint.
-fn resume_after_freeze(req: &TakeRequest, paused_by_us: bool, name: &str) {
-    if resume(req) && !paused_by_us {
-        (req.on_resumed_early)(name);
-    }
-}
-
-fn resume_if(req: &TakeRequest, paused_by_us: bool) {
-    if paused_by_us {
-        resume(req);
-    }
 }
 
 /// Removes a network-FS staging directory when the checkpoint is done.
@@ -660,6 +620,7 @@ pub struct RestoreRequest<'a> {
 pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     let store = Store::new(req.target.location);
     let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.target.location.dir.display()))?;
+    scratch::clean(req.target.config);
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     let restore_started = Instant::now();
     let mut phases = std::collections::BTreeMap::new();

@@ -14,10 +14,6 @@ use std::path::{Component, Path, PathBuf};
 const ALLOWED_SUBCOMMANDS: &[&str] =
     &["checkpoint", "create", "delete", "events", "kill", "pause", "ps", "restore", "resume", "start", "state"];
 
-/// Record note: ARCH resumed the container after its checkpoint; the
-/// caller's next `resume` succeeds without runc (see the resume module).
-pub const RESUMED_EARLY: &str = "resumed-after-checkpoint";
-
 const MAX_LOG_MESSAGE: usize = 4096;
 const MAX_NOTES: usize = 64;
 const MAX_NOTE_VALUE: usize = 64 * 1024;
@@ -109,6 +105,30 @@ impl CallContext {
             id: &self.id,
             bundle: &self.bundle,
         }
+    }
+
+    /// Another container that runc still runs and whose checkpoints are
+    /// under `location` too (a create of the same id in another runc root,
+    /// or one sharing its `ARCH_CHECKPOINT_KEY`): restoring its checkpoint
+    /// here would run the same job twice, and a failed restore would
+    /// quarantine its generations. Returns who, for the log.
+    fn live_key_holder(&self, location: &checkpoint::key::Location) -> Option<String> {
+        for (path, ended) in Records::new(&self.config.state_dir).all() {
+            if ended || path == self.record_path {
+                continue;
+            }
+            let Ok(Some(other)) = Records::load(&path) else { continue };
+            let theirs = checkpoint::key::locate(&self.config, &other.namespace, &other.id, &other.facts.env);
+            if other.exit.is_some() || theirs.map(|l| l.dir) != Ok(location.dir.clone()) {
+                continue;
+            }
+            let status = crate::runc::status(&self.runc, other.runc_root.as_deref(), &other.id);
+            if let Some(status) = status.filter(|s| s != "stopped") {
+                let root = other.runc_root.as_deref().unwrap_or(crate::container::RUNC_DEFAULT_ROOT);
+                return Some(format!("container {} (runc root {root}) is {status}", other.id));
+            }
+        }
+        None
     }
 
     fn update_record(&self, f: impl FnOnce(&mut crate::container::Record) -> Result<(), String>) -> Result<(), String> {
@@ -248,22 +268,12 @@ impl checkpoints::Host for HostState {
         };
         let export =
             options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
-        let note_resumed = |generation: &str| {
-            let noted = ctx.update_record(|r| {
-                r.notes.insert(RESUMED_EARLY.into(), generation.into());
-                Ok(())
-            });
-            if let Err(e) = noted {
-                tracing::error!(id = %ctx.id, error = %e, "the caller's resume will reach runc");
-            }
-        };
         let request = checkpoint::TakeRequest {
             target: ctx.target(&location),
             namespace: &ctx.namespace,
             leave_running: options.leave_running,
             options: criu_options,
             export_images_to: export,
-            on_resumed_early: &note_resumed,
         };
         let started = std::time::Instant::now();
         Ok(match checkpoint::take(&request) {
@@ -286,6 +296,13 @@ impl checkpoints::Host for HostState {
 
     fn list(&mut self) -> wasmtime::Result<Result<Vec<(String, Result<checkpoints::Generation, String>)>, String>> {
         Ok(self.ctx.location().and_then(|location| {
+            if self.ctx.invocation.subcommand == Some("create") {
+                if let Some(holder) = self.ctx.live_key_holder(&location) {
+                    tracing::warn!(id = %self.ctx.id, key = %location.key, %holder,
+                        "the key's checkpoints belong to a live container: this one starts fresh");
+                    return Ok(Vec::new());
+                }
+            }
             let gens = checkpoint::generations(&location, &self.ctx.config).map_err(|e| e.to_string())?;
             Ok(gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
         }))
@@ -309,6 +326,9 @@ impl checkpoints::Host for HostState {
             Ok(l) => l,
             Err(e) => return Ok(Err(e)),
         };
+        if let Some(holder) = ctx.live_key_holder(&location) {
+            return Ok(Err(format!("not restored: key {} is also that of a live container: {holder}", location.key)));
+        }
         let mut create_flags = Vec::new();
         for name in ["pid-file", "console-socket"] {
             if let Some(v) = ctx.invocation.flag(name) {

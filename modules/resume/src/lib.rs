@@ -1,22 +1,24 @@
-//! `resume`: after an ARCH checkpoint the container is already running again
-//! (ARCH resumes it as soon as its memory and layer are copied, and
-//! compresses and publishes afterwards), so the caller's resume succeeds
-//! without runc. Any other resume is runc's.
+//! `resume`: always runc's. ARCH never resumes a container that someone else
+//! paused (a checkpoint of a paused container leaves it paused), so the
+//! caller's resume is the one that lets it run again.
 use arch_guest_sdk::{log, state, Container, Decision, Handler, Invocation};
 
-/// Set by the host's checkpoint (`RESUMED_EARLY` in the host's capabilities).
-const RESUMED_EARLY: &str = "resumed-after-checkpoint";
+/// The note earlier ARCH builds left after resuming a container early, which
+/// made the next resume skip runc. Left in a record from before an upgrade,
+/// it would swallow a real resume: it is dropped, and runc resumes.
+const LEGACY_RESUMED_EARLY: &str = "resumed-after-checkpoint";
 
 struct Resume;
 
 impl Handler for Resume {
     fn handle(_call: Invocation, container: Container) -> Decision {
-        let Some(generation) = state::get(RESUMED_EARLY) else { return Decision::PassThrough };
-        if let Err(e) = state::unset(RESUMED_EARLY) {
-            log::warn(&format!("resume {}: {e}", container.id));
+        if state::get(LEGACY_RESUMED_EARLY).is_some() {
+            if let Err(e) = state::unset(LEGACY_RESUMED_EARLY) {
+                log::warn(&format!("resume {}: {e}", container.id));
+            }
+            log::info(&format!("resume {}: an old early-resume note dropped; runc resumes it", container.id));
         }
-        log::info(&format!("resume {}: already running since checkpoint {generation}", container.id));
-        Decision::Exit(0)
+        Decision::PassThrough
     }
 }
 
