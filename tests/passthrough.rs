@@ -66,9 +66,9 @@ fn assert_arch_checkpoint(s: &Setup, args: &[String]) {
     let out = s.run(args, 0);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let calls = s.calls();
-    let argv =
-        &calls[before..].iter().find(|(a, _)| a.contains(&"checkpoint".to_string())).expect("runc checkpoint ran").0;
-    let image = &argv[argv.iter().position(|a| a == "--image-path").unwrap() + 1];
+    let (_, proc) =
+        &calls[before..].iter().find(|(a, _)| a.contains(&"checkpoint".to_string())).expect("runc checkpoint ran");
+    let image = proc.lines().find_map(|l| l.strip_prefix("image ")).expect("an --image-path");
     assert!(image.starts_with(s.inst.path("checkpoints").to_str().unwrap()), "{image}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().all(|l| l.starts_with("runc stdout: ")), "only runc's own output: {stdout}");

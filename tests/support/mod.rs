@@ -168,6 +168,12 @@ while read -r line; do
 done < /proc/$$/status
 echo "pid $$" >> "$out.proc"
 echo "fd5 $(readlink /proc/$$/fd/5 2>/dev/null)" >> "$out.proc"
+# Where an --image-path really is (ARCH hands runc a pinned /proc/<pid>/fd/<n>/... path).
+prev=
+for a in "$@"; do
+  [ "$prev" = --image-path ] && echo "image $(readlink -f "$a")" >> "$out.proc"
+  prev=$a
+done
 echo "runc stdout: $*"
 echo "runc stderr: $1" >&2
 exit "${{FAKE_RUNC_EXIT:-0}}"
