@@ -72,7 +72,9 @@ PY
 wait_ready() { for _ in $(seq 600); do [ -f "$1/upper/data/ready" ] && return; sleep 0.1; done; echo "workload not ready" >&2; exit 1; }
 seconds() { python3 -c "import time; print(f'{time.time():.4f}')"; }
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
-gen_meta() { find "$work/checkpoints/bench-$1/.arch/generations" -name metadata.json | head -1; }
+ckroot=$work/checkpoints
+[ "${ARCH_BENCH_MODE:-basic}" = network-fs ] && ckroot=$work/netfs
+gen_meta() { find "$ckroot/bench-$1/.arch/generations" -name metadata.json | head -1; }
 run_arch() { # run_arch ID BUNDLE: create through arch-runc (restores if a checkpoint exists), start
   "$bin/arch-runc" --root "$root" create --bundle "$2" "$1" </dev/null >/dev/null 2>&1
   "$bin/arch-runc" --root "$root" start "$1"
@@ -89,7 +91,7 @@ for mem in "${sizes[@]}"; do
   declare -a ck_arch=() ck_plain=() ck_sync=() rs_arch=() rs_plain=() fr_arch=() fr_plain=()
   for r in $(seq "$repeat"); do
     n=$((n + 1))
-    rm -rf "$work/checkpoints/bench-$mem"
+    rm -rf "$ckroot/bench-$mem"
     # ARCH checkpoint (no --leave-running: the container stops, as with plain runc)
     b=$(bundle "a$n" "$mem"); run_arch "a$n" "$b"; wait_ready "$b"
     t0=$(seconds); "$bin/arch-runc" --root "$root" checkpoint "a$n"; t1=$(seconds)

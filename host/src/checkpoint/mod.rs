@@ -339,7 +339,7 @@ fn hash_images(images: &Path) -> std::io::Result<Vec<FileEntry>> {
     for entry in std::fs::read_dir(images)? {
         let entry = entry?;
         let name = entry.file_name().into_string().map_err(|_| std::io::Error::other("non-UTF-8 image name"))?;
-        let (bytes, digest) = manifest::hash_file(&mut std::fs::File::open(entry.path())?)?;
+        let (bytes, digest) = manifest::hash_local_file(&mut std::fs::File::open(entry.path())?)?;
         entries.push(FileEntry::new(format!("{IMAGES_DIR}/{name}"), bytes, &digest));
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -458,7 +458,7 @@ fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(),
         let path = format!("{IMAGES_DIR}/{name}");
         let entry = manifest.require(&path).map_err(|e| e.to_string())?;
         let (mut file, _) = dir.open(&name).map_err(|e| e.to_string())?;
-        let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| format!("{path}: {e}"))?;
+        let (bytes, digest) = manifest::hash_local_file(&mut file).map_err(|e| format!("{path}: {e}"))?;
         entry.check(bytes, &digest).map_err(|e| e.to_string())?;
         seen += 1;
     }
