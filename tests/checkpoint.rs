@@ -464,3 +464,34 @@ fn a_checkpoint_killed_while_frozen_is_thawed_by_the_next_call_and_its_scratch_r
     remove(&ctd, "other");
     remove(&ctd, "job");
 }
+
+#[test]
+fn an_aws_batch_retry_with_a_new_container_resumes_without_a_key_of_its_own() {
+    if !ready_for_checkpoints() {
+        return;
+    }
+    let ctd = Containerd::start("arch-ck-batch");
+    let key_dir = ctd.inst.path("checkpoints").join("aws-batch/job-42/3");
+    let attempt = |n: &str| {
+        [
+            "AWS_BATCH_JOB_ID=job-42:3".to_owned(),
+            "AWS_BATCH_JOB_ARRAY_INDEX=3".to_owned(),
+            format!("AWS_BATCH_JOB_ATTEMPT={n}"),
+        ]
+    };
+    let first = attempt("1");
+    start_counter(&ctd, "attempt-1", &first.iter().map(String::as_str).collect::<Vec<_>>());
+    let before = count(&ctd, "attempt-1");
+    let gen = checkpoint(&ctd, "attempt-1", true, &key_dir);
+    ctd.wait_status("attempt-1", "STOPPED");
+    remove(&ctd, "attempt-1");
+    let second = attempt("2");
+    start_counter(&ctd, "attempt-2", &second.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        restored_from(&ctd.inst, "attempt-2").as_deref(),
+        Some(gen.as_str()),
+        "the key is the job's, not the container's"
+    );
+    assert!(count(&ctd, "attempt-2") >= before);
+    remove(&ctd, "attempt-2");
+}

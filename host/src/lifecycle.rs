@@ -110,7 +110,7 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
     if ended.status != Some(0) || on_exit_zero == OnExitZero::Keep {
         return Ok("kept".into());
     }
-    let location = match key::locate(config, &record.namespace, &record.id, &record.facts.env) {
+    let location = match key::locate(config, &record.namespace, &record.id, &record.facts) {
         Ok(l) => l,
         Err(e) => return Ok(format!("kept: {e}")),
     };

@@ -1,12 +1,15 @@
 //! Which checkpoints a container owns: its key and its checkpoint root.
 //!
-//! The key is `<namespace>/<container-id>` unless the container sets
-//! `ARCH_CHECKPOINT_KEY`, so that a retried task with a new id finds the same
-//! checkpoints. The root is the host's: a container may choose the *mode*
+//! The key is what stays the same when an orchestrator retries a job with a
+//! new container id, so that the retry finds the checkpoints: the container's
+//! `ARCH_CHECKPOINT_KEY` if it sets one; else AWS Batch's job id (and array
+//! index), which Batch keeps across attempts; else Kubernetes' namespace, pod
+//! and container names from the CRI annotations; else `<namespace>/<id>`. The root is the host's: a container may choose the *mode*
 //! (`ARCH_CHECKPOINT_MODE`), never a path. Every value from the container is
 //! validated so that the resulting directory is always inside the root.
 
 use crate::config::{Config, Mode};
+use crate::container::BundleFacts;
 use std::path::PathBuf;
 
 pub const KEY_ENV: &str = "ARCH_CHECKPOINT_KEY";
@@ -79,13 +82,46 @@ impl Location {
     }
 }
 
-/// Resolves the key and mode for a container from its env and the host config.
-pub fn locate(config: &Config, namespace: &str, id: &str, env: &[(String, String)]) -> Result<Location, KeyError> {
-    let get = |name: &str| crate::container::env_value(env, name);
-    let key = match get(KEY_ENV) {
-        Some(key) => key.to_owned(),
-        None => format!("{namespace}/{id}"),
-    };
+/// AWS Batch's job id, kept across a job's attempts (`AWS_BATCH_JOB_ATTEMPT` counts them).
+pub const BATCH_JOB_ENV: &str = "AWS_BATCH_JOB_ID";
+/// An array child's index (its job id is then `<parent id>:<index>`).
+pub const BATCH_INDEX_ENV: &str = "AWS_BATCH_JOB_ARRAY_INDEX";
+/// The pod's namespace, pod name and container name, as containerd's CRI
+/// plugin and CRI-O write them into `config.json`.
+const K8S_ANNOTATIONS: [[&str; 3]; 2] = [
+    ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.cri.sandbox-name", "io.kubernetes.cri.container-name"],
+    ["io.kubernetes.pod.namespace", "io.kubernetes.pod.name", "io.kubernetes.container.name"],
+];
+
+/// The key for a container (unchecked: [`validate`] follows).
+pub fn key_for(namespace: &str, id: &str, facts: &BundleFacts) -> String {
+    let env = |name: &str| crate::container::env_value(&facts.env, name).filter(|v| !v.is_empty());
+    if let Some(key) = crate::container::env_value(&facts.env, KEY_ENV) {
+        return key.to_owned();
+    }
+    if let Some(job) = env(BATCH_JOB_ENV) {
+        let (parent, child) = match job.split_once(':') {
+            Some((parent, index)) => (parent, Some(index)),
+            None => (job, env(BATCH_INDEX_ENV)),
+        };
+        return match child {
+            Some(index) => format!("aws-batch/{parent}/{index}"),
+            None => format!("aws-batch/{parent}"),
+        };
+    }
+    let annotation = |name: &str| facts.annotations.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    for [ns, pod, container] in K8S_ANNOTATIONS {
+        if let (Some(ns), Some(pod), Some(container)) = (annotation(ns), annotation(pod), annotation(container)) {
+            return format!("k8s/{ns}/{pod}/{container}");
+        }
+    }
+    format!("{namespace}/{id}")
+}
+
+/// Resolves the key and mode for a container from its bundle facts and the host config.
+pub fn locate(config: &Config, namespace: &str, id: &str, facts: &BundleFacts) -> Result<Location, KeyError> {
+    let get = |name: &str| crate::container::env_value(&facts.env, name);
+    let key = key_for(namespace, id, facts);
     validate(&key)?;
     let mode = match get(MODE_ENV).map(str::trim) {
         None | Some("") => config.mode,
@@ -101,6 +137,43 @@ pub fn locate(config: &Config, namespace: &str, id: &str, env: &[(String, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(env: &[(String, String)], annotations: &[(&str, &str)]) -> BundleFacts {
+        BundleFacts {
+            env: env.to_vec(),
+            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn keys_survive_the_orchestrators_retries() {
+        let batch = env(&[(BATCH_JOB_ENV, "9c8e9f2a-1b2c-4d5e-8f90-0123456789ab"), ("AWS_BATCH_JOB_ATTEMPT", "2")]);
+        assert_eq!(key_for("moby", "abc", &facts(&batch, &[])), "aws-batch/9c8e9f2a-1b2c-4d5e-8f90-0123456789ab");
+        let child = env(&[(BATCH_JOB_ENV, "9c8e:7"), (BATCH_INDEX_ENV, "7")]);
+        assert_eq!(key_for("moby", "abc", &facts(&child, &[])), "aws-batch/9c8e/7");
+        let indexed = env(&[(BATCH_JOB_ENV, "9c8e"), (BATCH_INDEX_ENV, "3")]);
+        assert_eq!(key_for("moby", "abc", &facts(&indexed, &[])), "aws-batch/9c8e/3");
+        let k8s = [
+            ("io.kubernetes.cri.sandbox-namespace", "team"),
+            ("io.kubernetes.cri.sandbox-name", "trainer-0"),
+            ("io.kubernetes.cri.container-name", "main"),
+        ];
+        assert_eq!(key_for("k8s.io", "f00", &facts(&[], &k8s)), "k8s/team/trainer-0/main");
+        // The container's own key wins; then Batch; the default last.
+        let both = env(&[(KEY_ENV, "mine"), (BATCH_JOB_ENV, "9c8e")]);
+        assert_eq!(key_for("ns", "c1", &facts(&both, &k8s)), "mine");
+        assert_eq!(key_for("ns", "c1", &facts(&batch, &k8s)), "aws-batch/9c8e9f2a-1b2c-4d5e-8f90-0123456789ab");
+        assert_eq!(key_for("ns", "c1", &facts(&[], &[])), "ns/c1");
+        // Values from the container still go through the key rules.
+        let hostile = env(&[(BATCH_JOB_ENV, "../../etc")]);
+        assert!(locate(&Config::default(), "ns", "c1", &facts(&hostile, &[])).is_err());
+        let hostile_k8s = [
+            ("io.kubernetes.cri.sandbox-namespace", ".."),
+            ("io.kubernetes.cri.sandbox-name", "p"),
+            ("io.kubernetes.cri.container-name", "c"),
+        ];
+        assert!(locate(&Config::default(), "ns", "c1", &facts(&[], &hostile_k8s)).is_err());
+    }
 
     #[test]
     fn keys_ok() {
@@ -144,13 +217,14 @@ mod tests {
     #[test]
     fn locations_stay_under_the_roots() {
         let config = Config { checkpoint_dir: "/ck".into(), network_fs_dir: "/efs".into(), ..Config::default() };
-        let l = locate(&config, "ns", "c1", &[]).unwrap();
+        let l = locate(&config, "ns", "c1", &Default::default()).unwrap();
         assert_eq!((l.key.as_str(), l.mode, l.dir.clone()), ("ns/c1", Mode::Basic, PathBuf::from("/ck/ns/c1")));
-        let l = locate(&config, "ns", "c1", &env(&[(KEY_ENV, "job/7"), (MODE_ENV, "Network-FS")])).unwrap();
+        let l =
+            locate(&config, "ns", "c1", &facts(&env(&[(KEY_ENV, "job/7"), (MODE_ENV, "Network-FS")]), &[])).unwrap();
         assert_eq!(l.dir, PathBuf::from("/efs/job/7"));
-        assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "../../etc")])).is_err());
-        assert!(locate(&config, "ns", "c1", &env(&[(KEY_ENV, "/etc")])).is_err());
-        assert!(locate(&config, "ns", "c1", &env(&[(MODE_ENV, "/tmp")])).is_err());
+        assert!(locate(&config, "ns", "c1", &facts(&env(&[(KEY_ENV, "../../etc")]), &[])).is_err());
+        assert!(locate(&config, "ns", "c1", &facts(&env(&[(KEY_ENV, "/etc")]), &[])).is_err());
+        assert!(locate(&config, "ns", "c1", &facts(&env(&[(MODE_ENV, "/tmp")]), &[])).is_err());
     }
 
     #[test]
@@ -158,12 +232,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let config =
             Config { network_fs_dir: d.path().join("efs"), checkpoint_dir: d.path().join("ck"), ..Config::default() };
-        let netfs = locate(&config, "ns", "c1", &env(&[(MODE_ENV, "network-fs")])).unwrap();
+        let netfs = locate(&config, "ns", "c1", &facts(&env(&[(MODE_ENV, "network-fs")]), &[])).unwrap();
         assert!(netfs.ready().unwrap_err().contains("mounted"));
         assert!(!d.path().join("efs").exists());
         std::fs::create_dir(d.path().join("efs")).unwrap();
         assert_eq!(netfs.ready(), Ok(()));
-        let basic = locate(&config, "ns", "c1", &[]).unwrap();
+        let basic = locate(&config, "ns", "c1", &Default::default()).unwrap();
         assert_eq!(basic.ready(), Ok(()));
         assert!(d.path().join("ck").is_dir());
     }

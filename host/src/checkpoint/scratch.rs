@@ -170,7 +170,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let config =
             Config { checkpoint_dir: d.path().join("ck"), network_fs_dir: d.path().join("nfs"), ..Default::default() };
-        let at = |key: &str| crate::checkpoint::key::locate(&config, "ns", key, &[]).unwrap();
+        let at = |key: &str| crate::checkpoint::key::locate(&config, "ns", key, &Default::default()).unwrap();
         let (a, b) = (Store::new(&at("a")), Store::new(&at("b")));
         for store in [&a, &b] {
             std::fs::create_dir_all(store.arch_dir().join("pending-gen-1-1/images")).unwrap();

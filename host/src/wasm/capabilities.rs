@@ -90,8 +90,8 @@ impl CallContext {
 
     /// The container's checkpoint location, with its root ready to use.
     fn location(&self) -> Result<checkpoint::key::Location, String> {
-        let location = checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts.env)
-            .map_err(|e| e.to_string())?;
+        let location =
+            checkpoint::key::locate(&self.config, &self.namespace, &self.id, &self.facts).map_err(|e| e.to_string())?;
         location.ready()?;
         Ok(location)
     }
@@ -118,7 +118,7 @@ impl CallContext {
                 continue;
             }
             let Ok(Some(other)) = Records::load(&path) else { continue };
-            let theirs = checkpoint::key::locate(&self.config, &other.namespace, &other.id, &other.facts.env);
+            let theirs = checkpoint::key::locate(&self.config, &other.namespace, &other.id, &other.facts);
             if other.exit.is_some() || theirs.map(|l| l.dir) != Ok(location.dir.clone()) {
                 continue;
             }
