@@ -165,9 +165,18 @@ pub const COUNTER: &str = "i=0; [ -f /data/count ] && i=$(cat /data/count); exec
                        while true; do i=$((i+1)); echo $i > /data/count; echo $i >&3; sleep 0.1; done";
 
 pub fn count(ctd: &Containerd, id: &str) -> u64 {
-    let exec_id =
-        format!("c{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "cat", "/data/count"]).trim().parse().unwrap()
+    // The counter rewrites the file every 0.1 s (`echo > file` truncates
+    // first): a read can land in between and see it empty; read again.
+    for _ in 0..20 {
+        let exec_id =
+            format!("c{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+        let out = ctd.ok(&["task", "exec", "--exec-id", &exec_id, id, "cat", "/data/count"]);
+        if let Ok(n) = out.trim().parse() {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{id}: /data/count never readable");
 }
 
 pub fn exec(ctd: &Containerd, id: &str, script: &str) -> String {
