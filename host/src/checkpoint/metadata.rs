@@ -41,14 +41,19 @@ impl CriuOptions {
     pub fn from_flags<S: AsRef<str>>(flags: &[S]) -> Result<Self, String> {
         let mut options = CriuOptions::default();
         for flag in flags {
-            let flag = flag.as_ref();
-            let i = Self::FLAGS
-                .iter()
-                .position(|f| *f == flag)
-                .ok_or_else(|| format!("{flag:?} is not a carried checkpoint option"))?;
-            *options.fields()[i] = true;
+            options.add(flag.as_ref())?;
         }
         Ok(options)
+    }
+
+    /// Turns on the option for runc flag `flag`; a flag outside the allow-list is an error.
+    pub fn add(&mut self, flag: &str) -> Result<(), String> {
+        let i = Self::FLAGS
+            .iter()
+            .position(|f| *f == flag)
+            .ok_or_else(|| format!("{flag:?} is not a carried checkpoint option"))?;
+        *self.fields()[i] = true;
+        Ok(())
     }
 
     /// runc's flags for these options, from the allow-list only.

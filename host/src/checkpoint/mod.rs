@@ -108,14 +108,13 @@ pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
 /// ignored, so that a dump never uses an option its restore would not mirror)
 /// and the module's options.
 fn options(config: &Config, asked: CriuOptions) -> CriuOptions {
-    let mut host = CriuOptions::default();
+    let mut options = asked;
     for flag in &config.checkpoint_flags {
-        match CriuOptions::from_flags(std::slice::from_ref(flag)) {
-            Ok(o) => host = CriuOptions::from_flags(&[host.flags(), o.flags()].concat()).unwrap_or(host),
-            Err(e) => tracing::warn!("checkpoint_flags: {e}; ignored"),
+        if let Err(e) = options.add(flag) {
+            tracing::warn!("checkpoint_flags: {e}; ignored");
         }
     }
-    CriuOptions::from_flags(&[host.flags(), asked.flags()].concat()).unwrap_or(host)
+    options
 }
 
 fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Taken, TakeError> {
@@ -704,4 +703,19 @@ pub fn quarantine(location: &Location, name: &str, reason: &str) -> Result<(), S
     let _lock = store.lock().map_err(|e| e.to_string())?;
     let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
     store.quarantine(&gen, reason).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_flags_outside_the_allow_list_are_ignored() {
+        let config = Config {
+            checkpoint_flags: vec!["--file-locks".into(), "--image-path=/etc".into(), "--shell-job".into()],
+            ..Default::default()
+        };
+        let asked = CriuOptions::from_flags(&["--tcp-established"]).unwrap();
+        assert_eq!(options(&config, asked).flags(), ["--tcp-established", "--shell-job", "--file-locks"]);
+    }
 }
