@@ -226,7 +226,7 @@ pub enum ManifestError {
     TooLong { path: String, recorded: u64 },
     #[error("{path} does not match its digest in the manifest")]
     DigestMismatch { path: String },
-    #[error("reading {path}: {error}")]
+    #[error("{path}: {error}")]
     Io { path: String, error: io::Error },
 }
 
@@ -446,6 +446,13 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 /// Checks that `reader` yields exactly `entry.size` bytes with `entry`'s
 /// digest, asking it for no more than one byte past that size.
 pub fn verify_stream(entry: &FileEntry, reader: impl Read) -> Result<(), ManifestError> {
+    copy_verified(entry, reader, io::sink())
+}
+
+/// Copies `reader` into `writer` (dropped at the end, so a pipe sees its
+/// end) while checking it as [`verify_stream`] does: what was copied may be
+/// used only if this returns `Ok`.
+pub fn copy_verified(entry: &FileEntry, reader: impl Read, mut writer: impl Write) -> Result<(), ManifestError> {
     entry.digest()?;
     let mut reader = HashingReader::new(reader, Some(entry.size));
     let mut buf = vec![0u8; 256 << 10];
@@ -453,7 +460,9 @@ pub fn verify_stream(entry: &FileEntry, reader: impl Read) -> Result<(), Manifes
         let want = entry.size.saturating_sub(reader.count()).saturating_add(1).min(buf.len() as u64) as usize;
         match reader.read(&mut buf[..want]) {
             Ok(0) => break,
-            Ok(_) => {}
+            Ok(n) => {
+                writer.write_all(&buf[..n]).map_err(|error| ManifestError::Io { path: shown(&entry.path), error })?
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if LimitExceeded::of(&e).is_some() => {
                 return Err(ManifestError::TooLong { path: shown(&entry.path), recorded: entry.size })
@@ -461,6 +470,7 @@ pub fn verify_stream(entry: &FileEntry, reader: impl Read) -> Result<(), Manifes
             Err(error) => return Err(ManifestError::Io { path: shown(&entry.path), error }),
         }
     }
+    writer.flush().map_err(|error| ManifestError::Io { path: shown(&entry.path), error })?;
     let (size, digest) = reader.finish();
     entry.check(size, &digest)
 }

@@ -376,10 +376,19 @@ pub struct Verified {
     pub diff_list: Option<Vec<u8>>,
 }
 
+/// The directory of a listed file (`name` or `images/name`) and its name there.
+fn listed_dir<'p>(gen: &Generation, path: &'p str) -> Result<(untrusted::Pinned, &'p str), String> {
+    match path.split_once('/') {
+        Some((dir, name)) => Ok((gen.pinned().dir(dir, false).map_err(|e| format!("{dir}: {e}"))?, name)),
+        None => Ok((gen.pinned().reopen().map_err(|e| e.to_string())?, path)),
+    }
+}
+
 /// Reads a small listed file, checked against its digest.
-fn read_listed(gen: &Generation, manifest: &Manifest, name: &str, cap: u64) -> Result<Vec<u8>, String> {
-    let entry = manifest.require(name).map_err(|e| e.to_string())?;
-    let bytes = gen.pinned().read(name, cap).map_err(|e| e.to_string())?;
+fn read_listed(gen: &Generation, manifest: &Manifest, path: &str, cap: u64) -> Result<Vec<u8>, String> {
+    let entry = manifest.require(path).map_err(|e| e.to_string())?;
+    let (dir, name) = listed_dir(gen, path)?;
+    let bytes = dir.read(name, cap).map_err(|e| e.to_string())?;
     entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes)).map_err(|e| e.to_string())?;
     Ok(bytes)
 }
@@ -412,10 +421,7 @@ fn verify_with(gen: &Generation, key: Option<&FleetKey>) -> Result<Verified, Str
 pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, String> {
     let verified = verify(gen, config)?;
     for entry in &verified.manifest.files {
-        let (dir, name) = match entry.path.split_once('/') {
-            Some((dir, name)) => (gen.pinned().dir(dir, false).map_err(|e| format!("{dir}: {e}"))?, name),
-            None => (gen.pinned().reopen().map_err(|e| e.to_string())?, entry.path.as_str()),
-        };
+        let (dir, name) = listed_dir(gen, &entry.path)?;
         let (mut file, _) = dir.open(name).map_err(|e| e.to_string())?;
         let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| format!("{}: {e}", entry.path))?;
         entry.check(bytes, &digest).map_err(|e| e.to_string())?;
@@ -545,8 +551,9 @@ fn unpack(archive: std::fs::File, entry: &FileEntry, dir: &Path, bytes: u64) -> 
     }
     let zstd_result = rootfs::finish_zstd(zstd);
     let verified = feeder.join().map_err(|_| anyhow::anyhow!("archive reader panicked"))?;
-    verified?;
+    // Our own refusal says why first (the feeder then only saw a closed pipe).
     result?;
+    verified?;
     zstd_result
 }
 
@@ -586,15 +593,11 @@ pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), String>
     }
     // CRIU reads the file by path: it gets a private copy of it, read here
     // without following links and checked against its digest.
-    let cpuinfo = match meta.images_archive_bytes {
-        Some(_) => read_listed(gen, &verified.manifest, "cpuinfo.img", MAX_CPUINFO_BYTES),
-        None => gen.pinned().dir(IMAGES_DIR, false).map_err(|e| e.to_string()).and_then(|images| {
-            let entry = verified.manifest.require("images/cpuinfo.img").map_err(|e| e.to_string())?;
-            let bytes = images.read("cpuinfo.img", MAX_CPUINFO_BYTES).map_err(|e| e.to_string())?;
-            entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes)).map_err(|e| e.to_string())?;
-            Ok(bytes)
-        }),
+    let path = match meta.images_archive_bytes {
+        Some(_) => "cpuinfo.img".to_owned(),
+        None => format!("{IMAGES_DIR}/cpuinfo.img"),
     };
+    let cpuinfo = read_listed(gen, &verified.manifest, &path, MAX_CPUINFO_BYTES);
     if let Ok(cpuinfo) = cpuinfo {
         let dir = tempfile::Builder::new().prefix("arch-cpuinfo").tempdir().map_err(|e| format!("cpuinfo: {e}"))?;
         std::fs::write(dir.path().join("cpuinfo.img"), cpuinfo).map_err(|e| format!("cpuinfo: {e}"))?;

@@ -12,7 +12,7 @@
 //! that symlinks in the container's files (which the container controls)
 //! resolve inside it and can never make root write outside it.
 
-use super::manifest::{Digest, FileEntry, HashingReader, HashingWriter};
+use super::manifest::{copy_verified, Digest, FileEntry, HashingWriter};
 use super::untrusted::Pinned;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -239,17 +239,9 @@ pub(super) fn zstd_from_verified(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let mut stdin = zstd.stdin.take().expect("piped");
+    let stdin = zstd.stdin.take().expect("piped");
     let entry = entry.clone();
-    let feeder = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut reader = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, archive), Some(entry.size));
-        let copied = std::io::copy(&mut reader, &mut stdin);
-        drop(stdin);
-        let (bytes, digest) = reader.finish();
-        entry.check(bytes, &digest)?;
-        copied?;
-        Ok(())
-    });
+    let feeder = std::thread::spawn(move || Ok(copy_verified(&entry, archive, stdin)?));
     Ok((zstd, feeder))
 }
 
@@ -318,15 +310,7 @@ pub fn apply(
     let checked = scratch.join(MANIFEST);
     crate::container::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
     let local = scratch.join(ARCHIVE);
-    {
-        let (archive, _) = dir.open(ARCHIVE)?;
-        let mut reader = HashingReader::new(archive, Some(entry.size));
-        let mut copy = crate::container::private_file(&local)?;
-        let copied = std::io::copy(&mut reader, &mut copy);
-        let (bytes, digest) = reader.finish();
-        entry.check(bytes, &digest)?;
-        copied?;
-    }
+    copy_verified(entry, dir.open(ARCHIVE)?.0, crate::container::private_file(&local)?)?;
     let archive = File::open(&local)?;
     let mut zstd = Command::new("zstd")
         .args(["-d", "-c", "-q"])
