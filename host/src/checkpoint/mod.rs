@@ -305,10 +305,7 @@ fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
     let meta = std::fs::symlink_metadata(dir).ok()?;
     // SAFETY: geteuid has no preconditions.
     let ours = meta.is_dir() && meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 == 0;
-    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a statvfs to fill.
-    let avail = if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } == 0 { st.f_bavail * st.f_frsize } else { 0 };
+    let avail = untrusted::available_bytes(dir).unwrap_or(0);
     // Leave a quarter of it free: tmpfs is memory.
     (ours && bytes + bytes / 3 + (1 << 20) < avail).then(|| dir.join(format!("{name}.tar")))
 }

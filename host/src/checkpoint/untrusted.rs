@@ -77,9 +77,8 @@ pub fn tar_bound(bytes: u64, files: u64) -> u64 {
     bytes.saturating_add(files.saturating_add(1).saturating_mul(16 << 10)).saturating_add(1 << 20)
 }
 
-/// Fails unless the filesystem of `dir` has room for `bytes` more, with a
-/// margin (5% and 64 MiB), so a restore never fills the disk half-way.
-pub fn ensure_room(dir: &Path, bytes: u64) -> io::Result<()> {
+/// Bytes an unprivileged writer could still put on the filesystem of `dir`.
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
     let c_dir = CString::new(dir.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: statvfs is plain data, filled by the kernel.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -87,7 +86,13 @@ pub fn ensure_room(dir: &Path, bytes: u64) -> io::Result<()> {
     if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let avail = st.f_bavail.saturating_mul(st.f_frsize);
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Fails unless the filesystem of `dir` has room for `bytes` more, with a
+/// margin (5% and 64 MiB), so a restore never fills the disk half-way.
+pub fn ensure_room(dir: &Path, bytes: u64) -> io::Result<()> {
+    let avail = available_bytes(dir)?;
     let need = bytes.saturating_add(bytes / 20).saturating_add(64 << 20);
     if avail < need {
         return Err(io::Error::new(
