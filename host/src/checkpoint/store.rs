@@ -172,19 +172,16 @@ impl Store {
 
     /// Attempts left behind by checkpoints that died (none while the lock is held by a live one).
     pub fn pending(&self) -> Vec<String> {
-        let Ok(Some(arch)) = self.arch(false) else { return Vec::new() };
-        arch.entries()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(name, _)| name.starts_with("pending-"))
-            .map(|(name, _)| name)
-            .collect()
+        match self.arch(false) {
+            Ok(Some(arch)) => pending_in(&arch),
+            _ => Vec::new(),
+        }
     }
 
     /// Removes the leftovers [`Store::pending`] names (the caller holds the lock).
     pub fn remove_pending(&self) -> io::Result<usize> {
         let Some(arch) = self.arch(false)? else { return Ok(0) };
-        let names = self.pending();
+        let names = pending_in(&arch);
         for name in &names {
             tracing::warn!(dir = %arch.shown().join(name).display(), "removing a failed checkpoint attempt");
             remove_entry(&arch.path().join(name))?;
@@ -277,6 +274,11 @@ impl Store {
     pub fn metadata(gen: &Generation) -> Result<Metadata, String> {
         Metadata::read(gen.pinned())
     }
+}
+
+/// The names of pending generations in an opened `.arch`.
+fn pending_in(arch: &Pinned) -> Vec<String> {
+    arch.entries().unwrap_or_default().into_iter().map(|(name, _)| name).filter(|n| n.starts_with("pending-")).collect()
 }
 
 /// The generations (real `gen-*` directories, never links) in `dir`, newest first.
