@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -489,30 +489,26 @@ impl fmt::Debug for FleetKey {
 const MAX_KEY_FILE_BYTES: u64 = 66;
 
 impl FleetKey {
-    /// Loads the key from a regular file owned by root and private to it
-    /// (not followed if a symlink, not waited on if a FIFO): exactly 32 raw
-    /// bytes, or 64 hex digits with an optional trailing newline.
+    /// Loads the key from a regular file that only root can change, as the
+    /// config (the file and every directory on the way to it: [`crate::trust`],
+    /// no symlink as the file, no waiting on a FIFO), and that only root can
+    /// read: exactly 32 raw bytes, or 64 hex digits with an optional trailing newline.
     pub fn load(path: &Path) -> Result<FleetKey, KeyError> {
-        Self::load_owned_by(path, 0)
-    }
-
-    fn load_owned_by(path: &Path, owner: u32) -> Result<FleetKey, KeyError> {
+        use crate::trust::Refusal;
         let shown = path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|error| match error.raw_os_error() {
-                Some(libc::ELOOP) => KeyError::Symlink(shown.clone()),
-                _ => KeyError::Io { path: shown.clone(), error },
-            })?;
-        let meta = file.metadata().map_err(|error| KeyError::Io { path: shown.clone(), error })?;
-        if !meta.is_file() {
-            return Err(KeyError::NotRegular(shown));
-        }
-        if meta.uid() != owner {
-            return Err(KeyError::Owner { path: shown, uid: meta.uid() });
-        }
+        let shown_of = |p: &Path| p.display().to_string();
+        let opened = match crate::trust::open(path, crate::trust::Last::Read) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => return Err(KeyError::Io { path: shown, error: io::ErrorKind::NotFound.into() }),
+            Err(Refusal::Symlink(p)) => return Err(KeyError::Symlink(shown_of(&p))),
+            Err(Refusal::NotAFile(p)) => return Err(KeyError::NotRegular(shown_of(&p))),
+            Err(Refusal::NotRootOwned { path, uid }) => return Err(KeyError::Owner { path: shown_of(&path), uid }),
+            Err(Refusal::Writable { path, mode }) => return Err(KeyError::Mode { path: shown_of(&path), mode }),
+            Err(Refusal::Io { path, error }) => {
+                return Err(KeyError::Io { path: shown_of(&path), error: io::Error::other(error) })
+            }
+        };
+        let (file, meta) = (opened.file, opened.meta);
         if meta.mode() & 0o077 != 0 {
             return Err(KeyError::Mode { path: shown, mode: meta.mode() & 0o7777 });
         }
@@ -854,7 +850,7 @@ mod tests {
         for content in
             [raw.to_vec(), hex.clone().into_bytes(), format!("{hex}\n").into_bytes(), hex.to_uppercase().into_bytes()]
         {
-            let key = FleetKey::load_owned_by(&key_file(dir.path(), &content, 0o600), euid()).unwrap();
+            let key = FleetKey::load(&key_file(dir.path(), &content, 0o600)).unwrap();
             assert_eq!(key.tag(&manifest), expected);
         }
         assert_eq!(format!("{:?}", FleetKey::from_bytes(raw)), "FleetKey(..)");
@@ -867,7 +863,7 @@ mod tests {
     fn fleet_key_refuses_unsafe_files() {
         let dir = tempfile::tempdir().unwrap();
         let raw = [1u8; 32];
-        let load = |path: &Path| FleetKey::load_owned_by(path, euid());
+        let load = FleetKey::load;
         for mode in [0o640, 0o604, 0o601, 0o660, 0o666] {
             assert!(matches!(load(&key_file(dir.path(), &raw, mode)), Err(KeyError::Mode { .. })), "{mode:o}");
         }
@@ -903,6 +899,19 @@ mod tests {
             let err = load(&key_file(dir.path(), content, 0o600)).unwrap_err();
             assert!(matches!(err, KeyError::Format(_)), "{} bytes: {err}", content.len());
         }
+    }
+
+    #[test]
+    fn fleet_key_in_a_directory_others_can_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Anyone could swap this file for one of their own: the key would be theirs.
+        let err = FleetKey::load(&key_file(&shared, &[7u8; 32], 0o600)).unwrap_err();
+        assert!(matches!(err, KeyError::Mode { .. }), "{err}");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+        FleetKey::load(&key_file(&shared, &[7u8; 32], 0o600)).unwrap();
     }
 
     #[test]
