@@ -317,7 +317,8 @@ fn ended_path(live: &Path) -> Option<PathBuf> {
     Some(state_dir.join("ended").join(ns_dir.file_name()?).join(live.file_name()?))
 }
 
-fn remove_if_present(path: &Path) -> std::io::Result<()> {
+/// Removes a file; one already gone is fine.
+pub(crate) fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

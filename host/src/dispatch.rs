@@ -152,12 +152,8 @@ impl Call {
             }
             // Left by an earlier container of this id that runc no longer
             // knows: it must not route this one, whatever happens next.
-            let removed = Records::remove(&record_path).and_then(|()| {
-                match std::fs::remove_file(freeze::marker_path(&record_path)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            });
+            let removed = Records::remove(&record_path)
+                .and_then(|()| container::remove_if_present(&freeze::marker_path(&record_path)));
             if let Err(e) = removed {
                 tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
             }

@@ -171,9 +171,7 @@ impl<'a> Freeze<'a> {
 
     fn drop_marker(&mut self) {
         if let Some(path) = self.marker.take() {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(marker = %path.display(), error = %e, "could not remove the freeze marker");
-            }
+            remove_marker(&path);
         }
     }
 }
@@ -245,10 +243,14 @@ pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recover
             Recovery::Stale
         }
     };
-    if let Err(e) = std::fs::remove_file(&path) {
+    remove_marker(&path);
+    recovery
+}
+
+fn remove_marker(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
         tracing::warn!(marker = %path.display(), error = %e, "could not remove the freeze marker");
     }
-    recovery
 }
 
 /// Takes the record's lock (`how`: `LOCK_EX`, maybe `| LOCK_NB`) without

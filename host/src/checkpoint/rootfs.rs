@@ -13,6 +13,7 @@
 //! resolve inside it and can never make root write outside it.
 
 use super::manifest::{copy_verified, Digest, FileEntry, HashingWriter};
+use super::store::remove_entry;
 use super::untrusted::Pinned;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -374,8 +375,8 @@ impl Rollback {
 impl Drop for Rollback {
     fn drop(&mut self) {
         let Some(upper) = self.upper.take() else { return };
-        let cleared = std::fs::read_dir(&upper)
-            .and_then(|entries| entries.flatten().try_for_each(|e| super::store::remove_entry(&e.path())));
+        let cleared =
+            std::fs::read_dir(&upper).and_then(|entries| entries.flatten().try_for_each(|e| remove_entry(&e.path())));
         // overlayfs keeps what it looked up of the old upper in the dentry
         // cache; dropping unused dentries makes it look again (rare path).
         let dropped = std::fs::write("/proc/sys/vm/drop_caches", "2");
@@ -412,12 +413,12 @@ fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         let dir = inside(dir);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
-                remove(&entry.path())?;
+                remove_entry(&entry.path())?;
             }
         }
     }
     for path in &manifest.whiteouts {
-        remove(&inside(path))?;
+        remove_entry(&inside(path))?;
     }
     // Large reads from the zstd pipe: the layer can be gigabytes.
     // At most what was recorded of the layer: a bomb stops there.
@@ -430,18 +431,6 @@ fn helper(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
     archive.set_overwrite(true);
     archive.unpack("/")?;
     Ok(())
-}
-
-fn remove(path: &Path) -> std::io::Result<()> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -50,8 +50,7 @@ pub fn clean(config: &Config) -> usize {
             if !ours || owner_alive(pid, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)) {
                 continue;
             }
-            let result =
-                if meta.is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+            let result = super::store::remove_entry(&entry.path());
             let kind = match (tars, name.to_string_lossy().starts_with("restore-")) {
                 (true, _) => "freeze",
                 (false, true) => "restore",

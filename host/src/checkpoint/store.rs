@@ -237,10 +237,7 @@ impl Store {
         gens.sync()?;
         // A new checkpoint means the job runs again: it is no longer finished.
         let arch = self.arch(true)?.expect("created");
-        match std::fs::remove_file(arch.path().join("completed.json")) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        crate::container::remove_if_present(&arch.path().join("completed.json"))?;
         Generation::open(&gens, &pending.name)
     }
 
