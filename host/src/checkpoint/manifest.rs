@@ -10,6 +10,7 @@
 //! not a map, so that it can later describe a content-addressed layout (the
 //! same file by digest, in several generations).
 
+use super::untrusted::Capped;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fmt;
@@ -301,16 +302,14 @@ impl LimitExceeded {
 /// ([`io::ErrorKind::InvalidData`], [`LimitExceeded`] inside) as soon as more
 /// than `limit` bytes come, and from then on.
 pub struct HashingReader<R> {
-    inner: R,
+    inner: Capped<R>,
     hasher: blake3::Hasher,
     count: u64,
-    limit: Option<u64>,
-    exceeded: bool,
 }
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R, limit: Option<u64>) -> Self {
-        HashingReader { inner, hasher: blake3::Hasher::new(), count: 0, limit, exceeded: false }
+        HashingReader { inner: Capped::new(inner, limit.unwrap_or(u64::MAX)), hasher: blake3::Hasher::new(), count: 0 }
     }
 
     /// Bytes read through so far.
@@ -326,19 +325,10 @@ impl<R: Read> HashingReader<R> {
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let over = |limit| io::Error::new(io::ErrorKind::InvalidData, LimitExceeded { limit });
-        if self.exceeded {
-            return Err(over(self.limit.unwrap_or(0)));
-        }
         let n = self.inner.read(buf)?;
         let data = buf.get(..n).ok_or_else(|| io::Error::other("reader returned more than its buffer"))?;
-        let count = self.count + n as u64;
-        if let Some(limit) = self.limit.filter(|limit| count > *limit) {
-            self.exceeded = true;
-            return Err(over(limit));
-        }
         self.hasher.update(data);
-        self.count = count;
+        self.count += n as u64;
         Ok(n)
     }
 }
@@ -457,8 +447,8 @@ pub fn copy_verified(entry: &FileEntry, reader: impl Read, mut writer: impl Writ
     let mut reader = HashingReader::new(reader, Some(entry.size));
     let mut buf = vec![0u8; 256 << 10];
     loop {
-        let want = entry.size.saturating_sub(reader.count()).saturating_add(1).min(buf.len() as u64) as usize;
-        match reader.read(&mut buf[..want]) {
+        // The reader itself never asks for more than one byte past the size.
+        match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 writer.write_all(&buf[..n]).map_err(|error| ManifestError::Io { path: shown(&entry.path), error })?

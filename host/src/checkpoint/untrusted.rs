@@ -15,6 +15,7 @@
 //! - Files ARCH writes there are created exclusively (`O_EXCL`), never through
 //!   a name that already exists.
 
+use super::manifest::LimitExceeded;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -41,30 +42,35 @@ impl Error {
     }
 }
 
-/// Reads at most `limit` bytes of `inner`; more is an error (a decompression
-/// bomb, or an archive that does not match what was recorded of it).
+/// Reads at most `limit` bytes of `inner`; more is an error
+/// ([`io::ErrorKind::InvalidData`], [`LimitExceeded`] inside), then and from
+/// then on (a decompression bomb, or an archive that does not match what was
+/// recorded of it). It never asks `inner` for more than one byte past the limit.
 pub struct Capped<R> {
     inner: R,
     left: u64,
     limit: u64,
+    exceeded: bool,
 }
 
 impl<R> Capped<R> {
     pub fn new(inner: R, limit: u64) -> Self {
-        Capped { inner, left: limit, limit }
+        Capped { inner, left: limit, limit, exceeded: false }
     }
 }
 
 impl<R: Read> Read for Capped<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let over = |limit| io::Error::new(io::ErrorKind::InvalidData, LimitExceeded { limit });
+        if self.exceeded {
+            return Err(over(self.limit));
+        }
         // Ask for one byte more than allowed, to tell "exactly at the limit" from "over it".
         let want = buf.len().min(self.left.saturating_add(1).min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n as u64 > self.left {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("more than the {} bytes recorded for it: refused", self.limit),
-            ));
+            self.exceeded = true;
+            return Err(over(self.limit));
         }
         self.left -= n as u64;
         Ok(n)
