@@ -16,6 +16,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("checkpoint", "arch-module-checkpoint"),
     ("resume", "arch-module-resume"),
     ("delete", "arch-module-delete"),
+    ("kill", "arch-module-kill"),
 ];
 /// Built alongside for the tests, not embedded.
 const EXTRAS: &[&str] = &["arch-module-example-vendor", "arch-fixture-misbehave"];

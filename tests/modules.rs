@@ -63,6 +63,7 @@ impl Harness {
             notes: Default::default(),
             runc_root: None,
             exit: None,
+            stop_signalled_unix_ms: None,
         };
         Records::store(&record_path, &record).unwrap();
         let recorder = Recorder { calls: Default::default(), status };
@@ -84,6 +85,8 @@ impl Harness {
             runc: PathBuf::from("/bin/false"),
             metrics: Some(arch::metrics::Metrics::at(self.dir.path())),
             ran_original: None,
+            trigger: arch::triggers::Trigger::now(arch::triggers::Kind::Runc),
+            deadline: None,
         };
         (ctx, recorder)
     }

@@ -72,6 +72,21 @@ pub struct Config {
     pub exit_zero_ttl_secs: u64,
     /// containerd's gRPC socket, followed by `archctl watch`.
     pub containerd_address: PathBuf,
+    /// The EC2 instance metadata service `archctl watch` polls for Spot
+    /// interruption notices and rebalance recommendations; empty: off.
+    pub spot_metadata_endpoint: String,
+    /// Seconds between those polls.
+    pub spot_poll_interval_secs: f64,
+    /// Checkpoint an ARCH container (`--leave-running`) before a SIGTERM
+    /// reaches it; per container: `ARCH_CHECKPOINT_ON_STOP`.
+    pub checkpoint_on_stop: bool,
+    /// How long a stop waits for that checkpoint before the signal goes anyway.
+    pub stop_checkpoint_deadline_secs: f64,
+    /// `archctl watch` checkpoints each running ARCH container this often
+    /// (`--leave-running`; 0: never); per container: `ARCH_CHECKPOINT_INTERVAL`.
+    pub checkpoint_interval_secs: u64,
+    /// Checkpoints `archctl watch` runs at once (Spot notices, intervals).
+    pub max_concurrent_checkpoints: usize,
 }
 
 /// The fate of a finished job's checkpoints.
@@ -105,6 +120,12 @@ impl Default for Config {
             on_exit_zero: OnExitZero::Remove,
             exit_zero_ttl_secs: 0,
             containerd_address: "/run/containerd/containerd.sock".into(),
+            spot_metadata_endpoint: "http://169.254.169.254".into(),
+            spot_poll_interval_secs: 2.0,
+            checkpoint_on_stop: false,
+            stop_checkpoint_deadline_secs: 20.0,
+            checkpoint_interval_secs: 0,
+            max_concurrent_checkpoints: 4,
         }
     }
 }

@@ -100,6 +100,11 @@ pub struct Record {
     /// How the container ended, once `archctl watch` has seen it.
     #[serde(default)]
     pub exit: Option<Exit>,
+    /// When a SIGTERM was sent to it: from then on it may be shutting down,
+    /// and `archctl watch` takes no more checkpoints of it (restoring one
+    /// would replay the shutdown at every attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signalled_unix_ms: Option<u64>,
 }
 
 /// A container's end, and what was done with its checkpoints.
@@ -414,6 +419,7 @@ mod tests {
             notes: Default::default(),
             runc_root: root.map(str::to_owned),
             exit: None,
+            stop_signalled_unix_ms: None,
         }
     }
 

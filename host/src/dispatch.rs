@@ -6,6 +6,13 @@
 //!    under limits, and carry out its decision.
 //! 3. Any failure of ARCH's own (bad module, trap, refused request, I/O)
 //!    fails open: the call behaves as plain runc, and the failure is logged.
+//!
+//! `kill` is special: a SIGKILL goes at once; any other signal waits (up to
+//! the stop deadline) for a checkpoint in progress, so that it never lands
+//! inside a dump (CRIU would keep it pending in the images and deliver it
+//! again at every restore). A SIGTERM is remembered in the record (watch then
+//! no longer checkpoints a container that is shutting down) and, with the
+//! stop policy on, goes to the `kill` module, which checkpoints first.
 
 use crate::argv::{self, Invocation};
 use crate::checkpoint::freeze;
@@ -14,6 +21,7 @@ use crate::container::{self, BundleFacts, Record, Records};
 use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
 use crate::runc;
+use crate::triggers::{self, Kind, Trigger};
 use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -123,6 +131,9 @@ impl Call {
                 Ok(Some(record)) => {
                     self.report.namespace = record.namespace;
                     self.report.arch_enabled = true;
+                    if sub == "kill" && triggers::is_kill(self.signal()) {
+                        return Route::PassThrough("SIGKILL goes at once");
+                    }
                     Route::Handle(record_path)
                 }
                 Ok(None) => Route::PassThrough("not ARCH-managed"),
@@ -170,7 +181,7 @@ impl Call {
         }
         self.report.arch_enabled = true;
         let runc_root = inv.global("root").map(str::to_owned);
-        let record = Record { namespace, id, bundle, facts, notes: Default::default(), runc_root, exit: None };
+        let record = Record { namespace, id, bundle, facts, notes: Default::default(), runc_root, exit: None, stop_signalled_unix_ms: None };
         if let Err(e) = Records::store(&record_path, &record) {
             tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
             self.count("arch_failures_total");
@@ -179,10 +190,31 @@ impl Call {
         Route::Handle(record_path)
     }
 
+    /// The signal of a `kill` call (`None`: runc's default, SIGTERM).
+    fn signal(&self) -> Option<&str> {
+        self.inv.args.first().map(String::as_str)
+    }
+
+    /// When a stop's signal goes whatever ARCH is doing.
+    fn stop_deadline(&self) -> Instant {
+        let secs = self.config.stop_checkpoint_deadline_secs;
+        self.started + std::time::Duration::try_from_secs_f64(secs).unwrap_or_default()
+    }
+
     /// Runs the subcommand's module and carries out its decision.
     fn handle(&mut self, runc: &Path, record_path: PathBuf) -> i32 {
-        let _lock = match lock(&record_path) {
-            Ok(lock) => lock,
+        let sub = self.inv.subcommand.unwrap_or_default();
+        let deadline = (sub == "kill").then(|| self.stop_deadline());
+        let locked = match deadline {
+            None => lock(&record_path).map(Some),
+            Some(deadline) => lock_until(&record_path, deadline),
+        };
+        let _lock = match locked {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                tracing::warn!(id = %self.report.id, "a checkpoint still holds the container at the stop deadline; the signal goes anyway");
+                return self.fail_open(runc, None, "stop deadline passed waiting for a checkpoint");
+            }
             Err(e) => {
                 tracing::error!(id = %self.report.id, error = %e, "could not lock the container; passing through");
                 return self.fail_open(runc, None, "lock failed");
@@ -198,7 +230,20 @@ impl Call {
         };
         // Under the lock, a freeze marker's owner is dead: thaw before anything.
         freeze::recover(&self.config, runc, &record_path, "arch-runc");
-        let sub = self.inv.subcommand.unwrap_or_default();
+        let trigger = match sub {
+            "kill" => match self.stop(&record_path, &record) {
+                Some(trigger) => trigger,
+                None => return self.exec(runc, None),
+            },
+            "checkpoint" => {
+                let trigger = Trigger::of_checkpoint_call(crate::checkpoint::catalog::now_ms());
+                if trigger.kind == Kind::Runc {
+                    self.count_trigger(Kind::Runc);
+                }
+                trigger
+            }
+            _ => Trigger::now(Kind::Runc),
+        };
         let resolution = modules::resolve(&self.config.modules_dir, sub);
         if let Some(refusal) = &resolution.refused {
             tracing::error!(subcommand = sub, "module override refused, using the builtin: {refusal}");
@@ -222,6 +267,8 @@ impl Call {
             runc: runc.to_path_buf(),
             metrics: Some(Metrics::new(&self.config)),
             ran_original: None,
+            trigger,
+            deadline,
         };
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
         let (result, ctx) = match self.run_module(&module, ctx, limits) {
@@ -246,6 +293,29 @@ impl Call {
             Decision::Exit(status) => self.finish(status, "exit"),
             Decision::Fail(message) => self.fail(&message, "handler failed the call"),
         }
+    }
+
+    /// A `kill` under the container's lock: a SIGTERM is remembered in the
+    /// record; the stop trigger, if this one is to be checkpointed first
+    /// (else the signal goes as runc would send it).
+    fn stop(&mut self, record_path: &Path, record: &Record) -> Option<Trigger> {
+        if !triggers::is_term(self.signal()) {
+            return None;
+        }
+        let mut stopping = record.clone();
+        stopping.stop_signalled_unix_ms = Some(crate::checkpoint::catalog::now_ms());
+        if let Err(e) = Records::store(record_path, &stopping) {
+            tracing::warn!(id = %record.id, error = %e, "could not note the stop in ARCH's record");
+        }
+        if !triggers::checkpoint_on_stop(&self.config, &record.facts.env) {
+            return None;
+        }
+        self.count_trigger(Kind::Stop);
+        Some(Trigger { kind: Kind::Stop, fired_unix_ms: now_unix_ms(self.started) })
+    }
+
+    fn count_trigger(&self, kind: Kind) {
+        Metrics::new(&self.config).count("arch_triggers_total", &[("trigger", kind.name())], 1);
     }
 
     /// A pass-through call on a container that a dead arch-runc left frozen
@@ -349,6 +419,27 @@ fn absolute(path: &Path) -> PathBuf {
         path.to_path_buf()
     } else {
         std::env::current_dir().map(|cwd| cwd.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    }
+}
+
+/// The wall-clock time of an `Instant` of this process.
+fn now_unix_ms(at: Instant) -> u64 {
+    crate::checkpoint::catalog::now_ms().saturating_sub(at.elapsed().as_millis() as u64)
+}
+
+/// As [`lock`], giving up at `deadline` (`None`).
+fn lock_until(record_path: &Path, deadline: Instant) -> std::io::Result<Option<std::fs::File>> {
+    let path = record_path.with_extension("lock");
+    loop {
+        match container::lock_file(&path, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(file) => return Ok(Some(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

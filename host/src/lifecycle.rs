@@ -193,6 +193,7 @@ mod tests {
                 notes: Default::default(),
                 runc_root: None,
                 exit,
+                stop_signalled_unix_ms: None,
             };
             Records::store(&path, &record).unwrap();
             Records::forget(&path).unwrap();

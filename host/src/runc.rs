@@ -75,6 +75,29 @@ pub fn run(runc: &Path, args: &[String]) -> Result<i32, RuncError> {
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
+/// As [`run`], but gives up at `deadline`: runc and everything it started
+/// (CRIU, in runc's process group) are killed, and `Ok(None)` says so.
+pub fn run_until(runc: &Path, args: &[String], deadline: std::time::Instant) -> Result<Option<i32>, RuncError> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut child = std::process::Command::new(runc)
+        .args(args)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| RuncError::Spawn { path: runc.into(), source })?;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|source| RuncError::Spawn { path: runc.into(), source })? {
+            return Ok(Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))));
+        }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: kill has no memory preconditions; the group is the child's own.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// What `runc [--root ROOT] state ID` says of a container: its status
 /// (`created`, `running`, `pausing`, `paused`, `stopped`), or `None` if runc
 /// does not know it. Only `--root` is passed: an error must never land in

@@ -1,5 +1,7 @@
 //! `archctl watch`: the daemon that settles each ARCH-enabled container's
-//! checkpoints when it exits (see [`crate::lifecycle`]) and serves `/metrics`.
+//! checkpoints when it exits (see [`crate::lifecycle`]), takes the
+//! checkpoints nobody asks for (Spot notices, intervals: see
+//! [`crate::triggers`]) and serves `/metrics`.
 //!
 //! It subscribes to containerd's task exit events first and reconciles
 //! second, so that an exit is seen either way: those that happened while it
@@ -64,6 +66,9 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for /metrics"))?;
         tokio::spawn(serve_metrics(listener, config.clone()));
     }
+    if !args.once {
+        start_triggers(config);
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // Each (re)connect's reconciliation sweeps too: the first tick waits a period.
@@ -90,6 +95,19 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
             _ = int.recv() => return Ok(0),
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The Spot poller and the periodic schedule, beside the event loop. They
+/// run arch-runc checkpoints as children; watch stopping does not stop those.
+fn start_triggers(config: &Config) {
+    match crate::triggers::checkpointer::Checkpointer::beside_this_program(config) {
+        Ok(checkpointer) => {
+            tokio::spawn(crate::triggers::spot::watch(checkpointer.clone()));
+            tokio::spawn(crate::triggers::schedule::watch(checkpointer));
+        }
+        Err(e) => tracing::error!(target: "arch::watch", error = %e,
+            "no arch-runc to checkpoint with: Spot notices and intervals are not acted on"),
     }
 }
 

@@ -9,8 +9,11 @@ use super::untrusted::Pinned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// 2: typed CRIU options instead of runc flags, and a manifest of digests.
-pub const FORMAT: u32 = 2;
+/// 2: typed CRIU options instead of runc flags, and a manifest of digests;
+/// 3: what triggered the checkpoint, and when.
+pub const FORMAT: u32 = 3;
+/// The oldest format still read: 2 is 3 without the trigger fields.
+pub const OLDEST_FORMAT: u32 = 2;
 pub const FILE: &str = "metadata.json";
 /// Far more than ARCH writes; anything larger was not written by ARCH.
 pub const MAX_BYTES: u64 = 1 << 20;
@@ -93,6 +96,12 @@ pub struct Metadata {
     pub kernel: String,
     pub host: String,
     pub cpu_model: String,
+    /// What made this checkpoint happen ([`crate::triggers::Kind`]'s name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// When that trigger fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_fired_unix_ms: Option<u64>,
 }
 
 impl Metadata {
@@ -107,8 +116,8 @@ impl Metadata {
             format: u32,
         }
         let format = serde_json::from_slice::<Format>(bytes).map_err(|e| format!("{FILE}: {e}"))?.format;
-        if format != FORMAT {
-            return Err(format!("{FILE}: format {format} (this ARCH reads {FORMAT})"));
+        if !(OLDEST_FORMAT..=FORMAT).contains(&format) {
+            return Err(format!("{FILE}: format {format} (this ARCH reads {OLDEST_FORMAT} to {FORMAT})"));
         }
         let meta: Metadata = serde_json::from_slice(bytes).map_err(|e| format!("{FILE}: {e}"))?;
         if meta.mode != "basic" && meta.mode != "network-fs" {

@@ -43,6 +43,11 @@ pub struct TakeRequest<'a> {
     pub options: CriuOptions,
     /// containerd's `--image-path`: it imports the CRIU images from there.
     pub export_images_to: Option<&'a Path>,
+    /// Why the checkpoint is taken (recorded in its metadata).
+    pub trigger: crate::triggers::Trigger,
+    /// A stop's deadline: past it the checkpoint is abandoned (runc and
+    /// CRIU killed, the container thawed, nothing published).
+    pub deadline: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,9 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     // With --leave-running the files must match the memory image: keep the
     // container frozen from the dump until its layer is captured (a guard:
     // every return thaws it). One paused before stays paused (see `freeze`).
+    if req.deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(TakeError::NotRun("the stop deadline had passed before the dump".into()));
+    }
     let frozen_at = Instant::now();
     let mut frozen = freeze::Freeze::begin(&req.target, req.leave_running);
     let mut argv = with_globals(
@@ -151,7 +159,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     argv.extend(options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
-    let status = crate::runc::run(req.target.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?;
+    let status = match req.deadline {
+        None => crate::runc::run(req.target.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?,
+        Some(deadline) => crate::runc::run_until(req.target.runc, &argv, deadline)
+            .map_err(|e| TakeError::NotRun(e.to_string()))?
+            .ok_or_else(|| abandoned("the dump"))?,
+    };
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
@@ -170,6 +183,8 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         },
         leave_running: req.leave_running,
         options,
+        trigger: Some(req.trigger.kind.name().into()),
+        trigger_fired_unix_ms: Some(req.trigger.fired_unix_ms),
         ..Default::default()
     };
     meta.phases_ms.insert("dump".into(), dump_ms);
@@ -220,6 +235,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         frozen.thaw();
         meta.phases_ms.insert("freeze".into(), ms(frozen_at));
     }
+    past_deadline(req, "the layer copy")?;
     if let Some((bytes, manifest, content)) = captured {
         meta.rootfs_archive_bytes = Some(bytes);
         meta.rootfs_files = manifest.files;
@@ -268,17 +284,45 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     write_manifest(pending, files, fleet_key.as_ref()).map_err(|e| incomplete("the manifest", &e))?;
     metadata::validate(pending.pinned(), &meta).map_err(|e| incomplete("validating the new generation", &e))?;
     meta.phases_ms.insert("validate".into(), ms(started));
+    past_deadline(req, "validation")?;
     let started = Instant::now();
     let gen = store.publish(pending).map_err(|e| incomplete("publishing", &e))?;
     meta.phases_ms.insert("publish".into(), ms(started));
     meta.phases_ms.insert("total".into(), ms(frozen_at));
     record_phases(req.target.config, "checkpoint", &meta.phases_ms);
+    record_trigger(req.target.config, &req.trigger, &gen.name);
     match store.prune(req.target.config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta })
+}
+
+/// A stop's checkpoint that ran out of time: its signal must go now.
+fn abandoned(during: &str) -> TakeError {
+    TakeError::Incomplete(format!("abandoned: the stop deadline passed during {during}"))
+}
+
+fn past_deadline(req: &TakeRequest, during: &str) -> Result<(), TakeError> {
+    match req.deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(abandoned(during)),
+        _ => Ok(()),
+    }
+}
+
+/// Logs when a checkpoint's trigger fired and when its generation was
+/// published, and adds the delay to `arch_trigger_to_publish_seconds`.
+fn record_trigger(config: &Config, trigger: &crate::triggers::Trigger, generation: &str) {
+    let published = now_ms();
+    let seconds = published.saturating_sub(trigger.fired_unix_ms) as f64 / 1000.0;
+    tracing::info!(trigger = trigger.kind.name(), fired_unix_ms = trigger.fired_unix_ms, published_unix_ms = published,
+        generation, "trigger's checkpoint published");
+    crate::metrics::Metrics::new(config).observe(
+        "arch_trigger_to_publish_seconds",
+        &[("trigger", trigger.kind.name())],
+        seconds,
+    );
 }
 
 /// Adds each phase's duration to `arch_phase_duration_seconds`.

@@ -50,6 +50,10 @@ pub struct CallContext {
     /// Exit status of the last run of runc with the original subcommand argv,
     /// so that failing open after it does not run the same command twice.
     pub ran_original: Option<i32>,
+    /// Why a checkpoint this call takes is taken.
+    pub trigger: crate::triggers::Trigger,
+    /// A stop's deadline, for the checkpoint it takes first.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl CallContext {
@@ -274,6 +278,8 @@ impl checkpoints::Host for HostState {
             leave_running: options.leave_running,
             options: criu_options,
             export_images_to: export,
+            trigger: ctx.trigger,
+            deadline: ctx.deadline,
         };
         let started = std::time::Instant::now();
         Ok(match checkpoint::take(&request) {
