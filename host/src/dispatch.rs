@@ -181,7 +181,16 @@ impl Call {
         }
         self.report.arch_enabled = true;
         let runc_root = inv.global("root").map(str::to_owned);
-        let record = Record { namespace, id, bundle, facts, notes: Default::default(), runc_root, exit: None, stop_signalled_unix_ms: None };
+        let record = Record {
+            namespace,
+            id,
+            bundle,
+            facts,
+            notes: Default::default(),
+            runc_root,
+            exit: None,
+            stop_signalled_unix_ms: None,
+        };
         if let Err(e) = Records::store(&record_path, &record) {
             tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
             self.count("arch_failures_total");

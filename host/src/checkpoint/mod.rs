@@ -316,8 +316,13 @@ fn past_deadline(req: &TakeRequest, during: &str) -> Result<(), TakeError> {
 fn record_trigger(config: &Config, trigger: &crate::triggers::Trigger, generation: &str) {
     let published = now_ms();
     let seconds = published.saturating_sub(trigger.fired_unix_ms) as f64 / 1000.0;
-    tracing::info!(trigger = trigger.kind.name(), fired_unix_ms = trigger.fired_unix_ms, published_unix_ms = published,
-        generation, "trigger's checkpoint published");
+    tracing::info!(
+        trigger = trigger.kind.name(),
+        fired_unix_ms = trigger.fired_unix_ms,
+        published_unix_ms = published,
+        generation,
+        "trigger's checkpoint published"
+    );
     crate::metrics::Metrics::new(config).observe(
         "arch_trigger_to_publish_seconds",
         &[("trigger", trigger.kind.name())],

@@ -10,7 +10,7 @@ use crate::checkpoint::key;
 use crate::config::Config;
 use crate::container::{Record, Records};
 use crate::metrics::Metrics;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
@@ -47,7 +47,8 @@ pub struct Checkpointer {
     config: Arc<Config>,
     arch_runc: PathBuf,
     permits: Arc<Semaphore>,
-    busy: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Checkpoints started and not yet ended, per key directory.
+    busy: Arc<Mutex<HashMap<PathBuf, usize>>>,
 }
 
 impl Checkpointer {
@@ -116,7 +117,7 @@ impl Checkpointer {
 
     /// Whether `key_dir` has one of watch's checkpoints in flight.
     pub fn busy(&self, key_dir: &Path) -> bool {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner()).contains(key_dir)
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).get(key_dir).is_some_and(|n| *n > 0)
     }
 
     /// Starts a checkpoint of `c` for `trigger` (counted and logged); the
@@ -128,30 +129,39 @@ impl Checkpointer {
         leave_running: bool,
         if_busy: IfBusy,
     ) -> Option<tokio::task::JoinHandle<Outcome>> {
-        if if_busy == IfBusy::Skip && self.busy(&c.key_dir) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let in_flight = busy.entry(c.key_dir.clone()).or_default();
+        if if_busy == IfBusy::Skip && *in_flight > 0 {
             tracing::info!(target: "arch::watch", id = %c.record.id, key = %c.key, trigger = trigger.kind.name(),
                 "a checkpoint of this key is still running: this one is skipped");
             Metrics::new(&self.config).count("arch_trigger_skips_total", &[("trigger", trigger.kind.name())], 1);
             return None;
         }
+        *in_flight += 1;
+        drop(busy);
         Metrics::new(&self.config).count("arch_triggers_total", &[("trigger", trigger.kind.name())], 1);
         let this = self.clone();
         Some(tokio::spawn(async move { this.run(c, trigger, leave_running).await }))
     }
 
     async fn run(self, c: Candidate, trigger: Trigger, leave_running: bool) -> Outcome {
-        let Ok(_permit) = self.permits.clone().acquire_owned().await else { return Outcome::Skipped };
-        let first = self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(c.key_dir.clone());
-        let started_unix_ms = crate::checkpoint::catalog::now_ms();
-        let outcome = self.arch_runc_checkpoint(&c, trigger, leave_running).await;
-        if first {
-            self.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.key_dir);
+        let outcome = match self.permits.clone().acquire_owned().await {
+            Ok(_permit) => self.arch_runc_checkpoint(&c, trigger, leave_running).await,
+            Err(_) => Outcome::Skipped,
+        };
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = busy.get_mut(&c.key_dir) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&c.key_dir);
+            }
         }
+        drop(busy);
         let ended_unix_ms = crate::checkpoint::catalog::now_ms();
         let (id, key, kind) = (&c.record.id, &c.key, trigger.kind.name());
         match &outcome {
             Outcome::Published(generation) => tracing::info!(target: "arch::watch", id, key, trigger = kind,
-                fired_unix_ms = trigger.fired_unix_ms, started_unix_ms, published_unix_ms = ended_unix_ms,
+                fired_unix_ms = trigger.fired_unix_ms, published_unix_ms = ended_unix_ms,
                 generation, leave_running, "checkpoint published"),
             other => {
                 tracing::error!(target: "arch::watch", id, key, trigger = kind, fired_unix_ms = trigger.fired_unix_ms,

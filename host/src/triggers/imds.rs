@@ -71,8 +71,7 @@ impl Imds {
             }
         }
         let ttl = TOKEN_TTL_SECS.to_string();
-        let (status, body) =
-            self.request("PUT", TOKEN_PATH, &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)]).await?;
+        let (status, body) = self.request("PUT", TOKEN_PATH, &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)]).await?;
         if status != 200 {
             return Err(Error::Protocol(format!("PUT {TOKEN_PATH}: HTTP {status}")));
         }

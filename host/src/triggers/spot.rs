@@ -69,7 +69,8 @@ pub async fn watch(checkpointer: Checkpointer) {
             return;
         }
     };
-    let interval = Duration::try_from_secs_f64(config.spot_poll_interval_secs.max(0.1)).unwrap_or(Duration::from_secs(2));
+    let interval =
+        Duration::try_from_secs_f64(config.spot_poll_interval_secs.max(0.1)).unwrap_or(Duration::from_secs(2));
     let state_file = config.state_dir.join("spot.json");
     let mut handled: Handled =
         std::fs::read(&state_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -151,7 +152,8 @@ async fn interruption(checkpointer: &Checkpointer, handled: &mut Handled, notice
             1,
         );
     }
-    let fired = Trigger { kind: Kind::SpotInterruption, fired_unix_ms: handled.interruption_seen_unix_ms.unwrap_or(now) };
+    let fired =
+        Trigger { kind: Kind::SpotInterruption, fired_unix_ms: handled.interruption_seen_unix_ms.unwrap_or(now) };
     // Hibernation keeps memory: the container may carry on afterwards.
     let leave_running = notice.action == "hibernate";
     let candidates = candidates(checkpointer).await;
