@@ -217,9 +217,8 @@ fn mime_parts(what: &str, text: &str) -> Vec<(String, String)> {
     parts
 }
 
-/// The shell parts of the launch template's user data.
-fn user_data_scripts() -> Vec<String> {
-    let what = "deploy/aws-batch/launch-template-user-data.txt";
+/// The shell parts of cloud-init user data (`what`: its path from the repository's top).
+fn user_data_scripts(what: &str) -> Vec<String> {
     let scripts: Vec<String> = mime_parts(what, &read(what))
         .into_iter()
         .filter(|(headers, _)| headers.contains("Content-Type: text/x-shellscript"))
@@ -261,7 +260,7 @@ fn every_file_under_deploy_parses_as_what_it_is() {
             }
             Kind::Shell => check_shell(&what, &text),
             Kind::MimeUserData => {
-                for script in user_data_scripts() {
+                for script in user_data_scripts(&what) {
                     check_shell(&what, &script);
                 }
             }
@@ -417,7 +416,7 @@ fn the_batch_retry_strategy_retries_interruptions_and_matches_the_guide() {
 
 #[test]
 fn the_user_data_writes_the_documented_samples() {
-    let scripts = user_data_scripts();
+    let scripts = user_data_scripts("deploy/aws-batch/launch-template-user-data.txt");
     let script = scripts.iter().find(|s| s.contains("ARCH_CONFIG_JSON")).expect("a script that writes the host config");
     let embedded = |name: &str| -> Value {
         serde_json::from_str(&heredoc(script, name)).unwrap_or_else(|e| panic!("user data, {name}: {e}"))
