@@ -4,6 +4,10 @@
 //! rootfs tar (no registry here). The machine's own Docker, if any, is never
 //! touched: the binaries are called by absolute path (another `docker` client
 //! may come first in PATH) and every call names this engine's socket.
+//! dockerd 20.10 still creates a few machine-wide paths whatever its config
+//! says (`/etc/docker/key.json`, `/run/docker/plugins`, its containerd's
+//! `/opt/containerd`); they are the ones the package's own daemon uses, and
+//! are left alone.
 
 use super::containerd::repo;
 use super::*;
