@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # make-image.sh OUT.tar [NAME]: builds an OCI image archive holding a busybox
 # userland (one layer, no registry) for `ctr images import`.
+# make-image.sh --rootfs OUT.tar: that layer alone, a plain rootfs tar for `docker import`
+# (Docker 20.10 loads only its own archive format, not an OCI layout).
 set -euo pipefail
+rootfs_only=false
+if [ "${1:-}" = --rootfs ]; then rootfs_only=true; shift; fi
 out=$1
 name=${2:-localhost/arch-busybox:latest}
 busybox=$(command -v busybox || echo /bin/busybox)
@@ -29,6 +33,10 @@ blob() { # blob FILE -> prints "digest size" and stores it
   echo "$d $s"
 }
 tar --sort=name --mtime=@0 --numeric-owner --owner=0 --group=0 -C "$root" -cf "$work/layer.tar" .
+if $rootfs_only; then
+  mv "$work/layer.tar" "$out"
+  exit 0
+fi
 read -r layer layer_size < <(blob "$work/layer.tar")
 printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
   "$layer" >"$work/config.json"

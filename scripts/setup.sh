@@ -5,7 +5,8 @@
 #                       build (gcc, musl-tools, protobuf-compiler; the Rust targets if rustup
 #                       is there) and the demo's test image (busybox-static, python3)
 #   setup.sh --test     also what the test suite needs: hyperfine, promtool, python3's
-#                       Prometheus parser, debootstrap (fresh-root checks), cargo-deb
+#                       Prometheus parser, debootstrap (fresh-root checks), cargo-deb,
+#                       docker.io (the Docker system tests run private dockerds of their own)
 #   setup.sh --list     prints every Debian package setup.sh may install, one per line, and exits
 #
 # Works with either apt source layout Debian 12 ships: deb822 (sources.list.d/debian.sources,
@@ -19,7 +20,10 @@ RUST_MIN=1.85
 PKGS_RUN=(containerd runc iptables zstd)
 PKGS_BUILD=(gcc libc6-dev musl-tools protobuf-compiler)
 PKGS_DEMO=(busybox-static python3)
-PKGS_TEST=(hyperfine python3-prometheus-client debootstrap)
+# docker.io: on a systemd machine its install starts the system's dockerd (on the system
+# containerd, /var/lib/docker, /run/docker). The tests never use it: their engines have their
+# own data-root, exec-root, socket and containerd, and call /usr/bin/docker with that socket.
+PKGS_TEST=(hyperfine python3-prometheus-client debootstrap docker.io)
 # promtool comes out of this package's .deb without installing the package: installing it
 # would start (and on systemd enable) a Prometheus server just to get a checker.
 PKG_PROMTOOL=prometheus

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod docker;
 pub mod imds;
 
 use std::os::unix::fs::PermissionsExt;
