@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::containerd::COUNTER;
 use support::docker::*;
+use support::imds;
 use support::*;
 
 fn runc_instance() -> Instance {
@@ -190,4 +191,125 @@ fn a_killed_dockerd_is_cleaned_up_too() {
     for s in shim_sockets {
         assert!(!s.exists(), "shim socket {s:?} left");
     }
+}
+
+/// Counts from /data/count; on SIGTERM writes /data/term and exits 143.
+const GRACEFUL: &str =
+    "trap 'echo term > /data/term; exit 143' TERM; i=0; [ -f /data/count ] && i=$(cat /data/count); \
+    while true; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done";
+
+fn generations_by(key_dir: &Path, trigger: &str) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(key_dir.join(".arch/generations"))
+        .map(|e| e.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    found.retain(|g| {
+        let meta = std::fs::read(key_dir.join(".arch/generations").join(g).join("metadata.json")).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&meta).unwrap()["trigger"] == trigger
+    });
+    found.sort();
+    found
+}
+
+fn restored(inst: &Instance) -> Vec<String> {
+    inst.log()
+        .into_iter()
+        .filter_map(|r| {
+            r["message"]
+                .as_str()
+                .filter(|m| m.starts_with("create ") && m.contains(": restored from "))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// `docker run -d` of one attempt of a Batch-like job: no key of its own.
+fn run_attempt(d: &Docker, name: &str, attempt: u32) {
+    let attempt = format!("AWS_BATCH_JOB_ATTEMPT={attempt}");
+    let env = ["-e", "ARCH_ENABLE=1", "-e", "AWS_BATCH_JOB_ID=docker-job-1", "-e", &attempt];
+    d.ok(&[&["run", "-d", "--name", name], &env[..], &[IMAGE, "sh", "-c", GRACEFUL]].concat());
+    wait_running(d, name);
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+#[test]
+fn docker_stop_checkpoints_first_and_the_next_docker_run_of_the_job_resumes() {
+    if !ready_for_docker() {
+        return;
+    }
+    // The host default turns the stop trigger on for every ARCH container.
+    let inst = Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "checkpoint_on_stop": true }));
+    let d = Docker::start(&inst);
+    let key_dir = inst.path("checkpoints/aws-batch/docker-job-1");
+    run_attempt(&d, "attempt-1", 1);
+    let before = count(&d, "attempt-1");
+    d.ok(&["stop", "attempt-1"]);
+    assert_eq!(
+        d.ok(&["inspect", "--format", "{{.State.ExitCode}}", "attempt-1"]).trim(),
+        "143",
+        "its TERM handler ran"
+    );
+    let stops = generations_by(&key_dir, "stop");
+    assert_eq!(stops.len(), 1, "docker stop took one checkpoint");
+    d.ok(&["rm", "attempt-1"]);
+
+    run_attempt(&d, "attempt-2", 2);
+    assert_eq!(restored(&inst).len(), 1, "{:?}", restored(&inst));
+    assert!(restored(&inst)[0].ends_with(&stops[0]), "{:?}", restored(&inst));
+    let after = count(&d, "attempt-2");
+    assert!(after >= before, "{before} -> {after}");
+    assert_eq!(d.ok(&["exec", "attempt-2", "sh", "-c", "cat /data/term 2>/dev/null || echo none"]).trim(), "none");
+    assert!(errors(&inst).is_empty(), "{:?}", errors(&inst));
+    d.ok(&["rm", "-f", "attempt-2"]);
+}
+
+#[test]
+fn a_spot_notice_under_docker_takes_the_final_checkpoint_and_the_retry_resumes() {
+    if !ready_for_docker() {
+        return;
+    }
+    let sim = imds::Imds::start();
+    let inst = Instance::with(
+        Path::new("/usr/sbin/runc"),
+        serde_json::json!({ "spot_metadata_endpoint": sim.endpoint(), "spot_poll_interval_secs": 0.2 }),
+    );
+    let d = Docker::start(&inst);
+    let key_dir = inst.path("checkpoints/aws-batch/docker-job-1");
+    run_attempt(&d, "attempt-1", 1);
+    let mut watch = inst
+        .archctl()
+        .args(["watch", "--containerd"])
+        .arg(d.containerd_socket())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = count(&d, "attempt-1");
+    sim.announce_termination_in(Duration::from_secs(120));
+    let mut finals = Vec::new();
+    for _ in 0..300 {
+        finals = generations_by(&key_dir, "spot-interruption");
+        if !finals.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(finals.len(), 1, "a final checkpoint; log: {:?}", errors(&inst));
+    for _ in 0..100 {
+        if d.ok(&["inspect", "--format", "{{.State.Running}}", "attempt-1"]).trim() == "false" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.ok(&["inspect", "--format", "{{.State.ExitCode}}", "attempt-1"]).trim(), "137");
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    watch.wait().unwrap();
+    d.ok(&["rm", "attempt-1"]);
+
+    run_attempt(&d, "attempt-2", 2);
+    assert!(restored(&inst).first().is_some_and(|m| m.ends_with(&finals[0])), "{:?}", restored(&inst));
+    assert!(count(&d, "attempt-2") >= before);
+    assert!(errors(&inst).is_empty(), "{:?}", errors(&inst));
+    d.ok(&["rm", "-f", "attempt-2"]);
 }
