@@ -24,7 +24,10 @@ fn modules_list_and_check() {
             .collect::<Vec<_>>()
     };
     let subs: Vec<_> = list(&inst).into_iter().map(|(s, st)| format!("{s}={st}")).collect();
-    assert_eq!(subs, ["create=builtin", "start=builtin", "checkpoint=builtin", "resume=builtin", "delete=builtin"]);
+    assert_eq!(
+        subs,
+        ["create=builtin", "start=builtin", "checkpoint=builtin", "resume=builtin", "delete=builtin", "kill=builtin"]
+    );
 
     let vendor = inst.install_module("checkpoint", &module_wasm("arch-module-example-vendor"), 0o644);
     let broken = inst.path("modules/resume.wasm");

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 use support::containerd::*;
 use support::imds;
@@ -179,7 +179,7 @@ fn periodic_checkpoints_come_on_schedule_and_never_two_at_once_for_a_key() {
     }
     let inst = Instance::with(
         Path::new("/usr/sbin/runc"),
-        serde_json::json!({ "spot_metadata_endpoint": "", "keep_generations": 20 }),
+        serde_json::json!({ "spot_metadata_endpoint": "", "keep_generations": 20, "min_checkpoint_interval_secs": 1 }),
     );
     let ctd = Containerd::start_with("arch-tr-interval", inst);
     let fast = key_dir(&ctd, "jobs/fast");
@@ -326,8 +326,10 @@ fn a_notice_during_a_checkpoint_of_the_same_key_waits_for_it_then_takes_the_fina
         return;
     }
     let sim = imds::Imds::start();
-    let ctd =
-        Containerd::start_with("arch-tr-busy", spot_instance(&sim, serde_json::json!({ "keep_generations": 20 })));
+    let ctd = Containerd::start_with(
+        "arch-tr-busy",
+        spot_instance(&sim, serde_json::json!({ "keep_generations": 20, "min_checkpoint_interval_secs": 1 })),
+    );
     let dir = key_dir(&ctd, "jobs/busy");
     start_armed(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/busy", "ARCH_CHECKPOINT_INTERVAL=1s"], &heavy(1000));
     wait_for("the ballast", Duration::from_secs(60), || {

@@ -85,6 +85,10 @@ pub struct Config {
     /// `archctl watch` checkpoints each running ARCH container this often
     /// (`--leave-running`; 0: never); per container: `ARCH_CHECKPOINT_INTERVAL`.
     pub checkpoint_interval_secs: u64,
+    /// The shortest interval a container may ask for: a shorter
+    /// `ARCH_CHECKPOINT_INTERVAL` gets this one (checkpoints cost the node
+    /// CPU and disk, and the container's owner is not the node's).
+    pub min_checkpoint_interval_secs: u64,
     /// Checkpoints `archctl watch` runs at once (Spot notices, intervals).
     pub max_concurrent_checkpoints: usize,
 }
@@ -125,6 +129,7 @@ impl Default for Config {
             checkpoint_on_stop: false,
             stop_checkpoint_deadline_secs: 20.0,
             checkpoint_interval_secs: 0,
+            min_checkpoint_interval_secs: 60,
             max_concurrent_checkpoints: 4,
         }
     }

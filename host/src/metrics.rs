@@ -78,6 +78,23 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Scratch of killed checkpoints and restores removed, by kind (staging, restore, freeze, pending).",
     ),
     ("arch_phase_duration_seconds", "histogram", "Duration of checkpoint and restore phases, by operation and phase."),
+    (
+        "arch_triggers_total",
+        "counter",
+        "Checkpoints asked for, by trigger (runc, stop, interval, spot-rebalance, spot-interruption).",
+    ),
+    (
+        "arch_trigger_skips_total",
+        "counter",
+        "Triggered checkpoints skipped because one of the same key was still running.",
+    ),
+    ("arch_trigger_failures_total", "counter", "Triggered checkpoints that published nothing, by trigger."),
+    (
+        "arch_trigger_to_publish_seconds",
+        "histogram",
+        "From a trigger firing to its generation's publication, by trigger.",
+    ),
+    ("arch_spot_notices_total", "counter", "Spot notices seen by archctl watch, by notice (interruption, rebalance)."),
 ];
 
 /// Maps a counter name used by a handler module (the WIT `metrics.count`)

@@ -101,11 +101,16 @@ pub fn checkpoint_on_stop(config: &Config, env: &[(String, String)]) -> bool {
     }
 }
 
-/// Seconds between this container's periodic checkpoints (0: none).
+/// Seconds between this container's periodic checkpoints (0: none); a
+/// container asking for less than `min_checkpoint_interval_secs` gets that.
 pub fn interval_secs(config: &Config, env: &[(String, String)]) -> u64 {
     match env_value(env, INTERVAL_ENV).map(str::trim) {
         Some(v) if v.eq_ignore_ascii_case("off") => 0,
-        Some(v) => crate::lifecycle::parse_duration(v).unwrap_or(config.checkpoint_interval_secs),
+        Some(v) => match crate::lifecycle::parse_duration(v) {
+            Ok(0) => 0,
+            Ok(asked) => asked.max(config.min_checkpoint_interval_secs),
+            Err(_) => config.checkpoint_interval_secs,
+        },
         None => config.checkpoint_interval_secs,
     }
 }
@@ -173,6 +178,7 @@ mod tests {
     #[test]
     fn container_settings_override_the_host() {
         let config = Config { checkpoint_on_stop: true, checkpoint_interval_secs: 60, ..Config::default() };
+        assert_eq!(interval_secs(&config, &env(&[(INTERVAL_ENV, "1s")])), 60, "no shorter than the host's floor");
         assert!(checkpoint_on_stop(&config, &[]));
         assert!(!checkpoint_on_stop(&config, &env(&[(ON_STOP_ENV, "0")])));
         assert!(checkpoint_on_stop(&Config::default(), &env(&[(ON_STOP_ENV, "yes")])));

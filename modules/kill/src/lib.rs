@@ -5,19 +5,18 @@
 //! deadline (`stop_checkpoint_deadline_secs`). The job is checkpointed with
 //! `--leave-running`, then the signal goes exactly as asked: a job that
 //! really stops still gets its SIGTERM, only later by the checkpoint's time.
-//! Whatever becomes of the checkpoint, the signal is never withheld.
+//! Whatever becomes of the checkpoint, the signal is never withheld. The host
+//! counts the trigger and its failures (`arch_trigger*`).
 use arch_guest_sdk::checkpoints::{self, CheckpointError, CheckpointOptions};
-use arch_guest_sdk::{log, metrics, Container, Decision, Handler, Invocation};
+use arch_guest_sdk::{log, Container, Decision, Handler, Invocation};
 
 struct Kill;
 
 impl Handler for Kill {
     fn handle(_call: Invocation, container: Container) -> Decision {
         let options = CheckpointOptions { leave_running: true, runc_flags: Vec::new(), export_images: false };
-        metrics::count("stop_checkpoint_attempts_total", 1);
         match checkpoints::take(&options) {
             Ok(generation) => {
-                metrics::count("stop_checkpoint_success_total", 1);
                 log::info(&format!(
                     "stop {}: published {} under {}; the signal goes now",
                     container.id, generation.name, generation.key
@@ -25,11 +24,9 @@ impl Handler for Kill {
             }
             Err(CheckpointError::Runc(status)) => {
                 // Not running any more, or CRIU refused it: runc kill says the rest.
-                metrics::count("stop_checkpoint_failure_total", 1);
                 log::warn(&format!("stop {}: runc checkpoint exited {status}; the signal goes now", container.id));
             }
             Err(CheckpointError::Incomplete(why) | CheckpointError::NotRun(why)) => {
-                metrics::count("stop_checkpoint_failure_total", 1);
                 log::warn(&format!("stop {}: no checkpoint ({why}); the signal goes now", container.id));
             }
         }
