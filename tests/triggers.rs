@@ -24,6 +24,14 @@ fn heavy(mib: u32) -> String {
     format!("(head -c {mib}m /dev/zero; sleep 100000) | sort > /dev/null & sleep 3; {GRACEFUL}")
 }
 
+/// Starts [`heavy`] and waits until its ballast is in place.
+fn start_heavy(ctd: &Containerd, id: &str, env: &[&str], mib: u32) {
+    start_armed(ctd, id, env, &heavy(mib));
+    wait_for("the ballast", Duration::from_secs(60), || {
+        exec(ctd, id, "[ -f /data/count ] && echo yes || echo no").trim() == "yes"
+    });
+}
+
 fn meta(key_dir: &Path, gen: &str) -> serde_json::Value {
     let bytes = std::fs::read(key_dir.join(".arch/generations").join(gen).join("metadata.json")).unwrap();
     serde_json::from_slice(&bytes).unwrap()
@@ -151,10 +159,7 @@ fn past_the_stop_deadline_the_signal_goes_and_the_last_good_checkpoint_stays() {
     let inst = Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "stop_checkpoint_deadline_secs": 1.5 }));
     let ctd = Containerd::start_with("arch-tr-deadline", inst);
     let dir = key_dir(&ctd, "jobs/deadline");
-    start_armed(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/deadline", "ARCH_CHECKPOINT_ON_STOP=1"], &heavy(2500));
-    wait_for("the ballast", Duration::from_secs(60), || {
-        exec(&ctd, "job", "[ -f /data/count ] && echo yes || echo no").trim() == "yes"
-    });
+    start_heavy(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/deadline", "ARCH_CHECKPOINT_ON_STOP=1"], 2500);
     let good = checkpoint(&ctd, "job", false, &dir);
     let asked = Instant::now();
     ctd.ok(&["task", "kill", "-s", "TERM", "job"]);
@@ -331,10 +336,7 @@ fn a_notice_during_a_checkpoint_of_the_same_key_waits_for_it_then_takes_the_fina
         spot_instance(&sim, serde_json::json!({ "keep_generations": 20, "min_checkpoint_interval_secs": 1 })),
     );
     let dir = key_dir(&ctd, "jobs/busy");
-    start_armed(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/busy", "ARCH_CHECKPOINT_INTERVAL=1s"], &heavy(1000));
-    wait_for("the ballast", Duration::from_secs(60), || {
-        exec(&ctd, "job", "[ -f /data/count ] && echo yes || echo no").trim() == "yes"
-    });
+    start_heavy(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/busy", "ARCH_CHECKPOINT_INTERVAL=1s"], 1000);
     let _watch = Watch::start(&ctd);
     // Wait for a periodic checkpoint to be in flight (its freeze marker).
     let marker = ctd.record_path("job").with_extension("frozen");
@@ -357,10 +359,7 @@ fn watch_restarted_during_a_notice_neither_repeats_nor_forgets_a_final_checkpoin
     }
     let sim = imds::Imds::start();
     let ctd = Containerd::start_with("arch-tr-restart", spot_instance(&sim, serde_json::json!({})));
-    start_armed(&ctd, "slow", &["ARCH_CHECKPOINT_KEY=jobs/slow"], &heavy(1000));
-    wait_for("the ballast", Duration::from_secs(60), || {
-        exec(&ctd, "slow", "[ -f /data/count ] && echo yes || echo no").trim() == "yes"
-    });
+    start_heavy(&ctd, "slow", &["ARCH_CHECKPOINT_KEY=jobs/slow"], 1000);
     sim.announce_termination_in(Duration::from_secs(120));
     let first = Watch::start(&ctd);
     let marker_seen = || spot_lines(&ctd.inst).iter().any(|r| r["message"] == "Spot interruption notice");
