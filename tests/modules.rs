@@ -1,15 +1,17 @@
 //! Handler modules in the real wasmtime host: each builtin, the example vendor
-//! module, misbehaving modules (trap, endless loop, memory bomb, a request
-//! outside the container's scope), the module cache, and override checks.
+//! module, misbehaving
+//! modules (trap, endless loop, memory bomb, a request outside the
+//! container's scope), the host's count of outcomes, the module cache, and
+//! override checks.
 
 mod support;
 
 use arch::argv;
 use arch::container::{BundleFacts, Record, Records};
 use arch::modules::{self, Origin, Refusal};
-use arch::wasm::{CacheOutcome, CallContext, Decision, Limits, RuncRunner, Runtime};
+use arch::wasm::{CacheOutcome, CallContext, Decision, Limits, RuncRunner, Runtime, Scope};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use support::*;
 
@@ -49,6 +51,18 @@ impl Harness {
         annotations: &[(&str, &str)],
         status: i32,
     ) -> (CallContext, Recorder) {
+        self.context_noted(line, env, annotations, &[], status)
+    }
+
+    /// As [`Harness::context`], with these notes in ARCH's record.
+    fn context_noted(
+        &self,
+        line: &str,
+        env: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        notes: &[(&str, &str)],
+        status: i32,
+    ) -> (CallContext, Recorder) {
         let inv = argv::parse(&strings(&format!("{GLOBALS} {line}")));
         let facts = BundleFacts {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -60,35 +74,28 @@ impl Harness {
             id: "c1".into(),
             bundle: "/b".into(),
             facts: facts.clone(),
-            notes: Default::default(),
+            notes: notes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             runc_root: None,
             exit: None,
             stop_signalled_unix_ms: None,
         };
         Records::store(&record_path, &record).unwrap();
         let recorder = Recorder { calls: Default::default(), status };
-        let ctx = CallContext {
-            invocation: inv,
-            namespace: "default".into(),
-            id: "c1".into(),
-            bundle: "/b".into(),
-            facts,
-            record_path,
-            allowed_roots: vec![PathBuf::from("/var/lib/arch/checkpoints")],
-            runner: Box::new(recorder.clone()),
-            config: arch::config::Config {
-                checkpoint_dir: self.dir.path().join("checkpoints"),
-                network_fs_dir: self.dir.path().join("netfs"),
-                state_dir: self.dir.path().to_path_buf(),
-                ..Default::default()
-            },
-            runc: PathBuf::from("/bin/false"),
-            metrics: Some(arch::metrics::Metrics::at(self.dir.path())),
-            ran_original: None,
-            trigger: arch::triggers::Trigger::now(arch::triggers::Kind::Runc),
-            deadline: None,
+        let config = arch::config::Config {
+            checkpoint_dir: self.dir.path().join("checkpoints"),
+            network_fs_dir: self.dir.path().join("netfs"),
+            state_dir: self.dir.path().to_path_buf(),
+            ..Default::default()
         };
+        let mut ctx = CallContext::new(inv, record, record_path, config, PathBuf::from("/bin/false"))
+            .with_runner(Box::new(recorder.clone()));
+        ctx.scope =
+            Scope::new(&ctx.invocation, "c1", Path::new("/b"), vec![PathBuf::from("/var/lib/arch/checkpoints")]);
         (ctx, recorder)
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        arch::metrics::Metrics::at(self.dir.path()).read().unwrap().counters
     }
 
     fn run_wasm(&self, wasm: &[u8], ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
@@ -103,8 +110,17 @@ impl Harness {
     }
 
     fn run_builtin(&self, sub: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
+        self.run_wasm(&self.builtin(sub).wasm, ctx)
+    }
+
+    fn builtin(&self, sub: &str) -> modules::Module {
         let builtin = modules::BUILTINS.iter().find(|b| b.subcommand == sub).unwrap();
-        self.run_wasm(builtin.wasm, ctx)
+        modules::Module {
+            subcommand: sub.into(),
+            origin: Origin::Builtin,
+            digest: builtin.digest.into(),
+            wasm: builtin.wasm.into(),
+        }
     }
 
     fn run_file(&self, package: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
@@ -130,10 +146,7 @@ fn builtins_pass_through() {
 #[test]
 fn builtin_start_of_a_restored_container_needs_no_runc() {
     let h = Harness::new();
-    let (ctx, recorder) = h.context("start c1", &[("ARCH_ENABLE", "1")], &[], 0);
-    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
-    record.notes.insert("restored-from".into(), "gen-1".into());
-    Records::store(&ctx.record_path, &record).unwrap();
+    let (ctx, recorder) = h.context_noted("start c1", &[("ARCH_ENABLE", "1")], &[], &[("restored-from", "gen-1")], 0);
     assert_eq!(h.run_builtin("start", ctx).0.unwrap(), Decision::Exit(0));
     assert!(recorder.calls.lock().unwrap().is_empty());
 }
@@ -141,10 +154,8 @@ fn builtin_start_of_a_restored_container_needs_no_runc() {
 #[test]
 fn builtin_resume_is_runcs_even_with_an_old_early_resume_note() {
     let h = Harness::new();
-    let (ctx, recorder) = h.context("resume c1", &[("ARCH_ENABLE", "1")], &[], 0);
-    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
-    record.notes.insert("resumed-after-checkpoint".into(), "gen-1".into());
-    Records::store(&ctx.record_path, &record).unwrap();
+    let (ctx, recorder) =
+        h.context_noted("resume c1", &[("ARCH_ENABLE", "1")], &[], &[("resumed-after-checkpoint", "gen-1")], 0);
     let path = ctx.record_path.clone();
     assert_eq!(h.run_builtin("resume", ctx).0.unwrap(), Decision::PassThrough, "runc resumes it");
     assert!(recorder.calls.lock().unwrap().is_empty());
@@ -191,6 +202,27 @@ fn example_vendor_module() {
     }
     let (ctx, _) = h.context("checkpoint c1", &[], &[], 0);
     assert_eq!(h.run_file("arch-module-example-vendor", ctx).0.unwrap(), Decision::PassThrough);
+    let counters = h.counters();
+    assert_eq!(
+        counters.get("arch_module_events_total{module=\"checkpoint\",name=\"example_checkpoint_refused_total\"}"),
+        Some(&1),
+        "a module's own counter, under the subcommand it serves: {counters:?}"
+    );
+}
+
+#[test]
+fn builtin_checkpoint_leaves_partial_checkpoints_to_runc_and_the_host_counts_the_rest() {
+    let h = Harness::new();
+    let (ctx, recorder) = h.context("checkpoint --pre-dump --image-path /tmp/ctd c1", &[], &[], 0);
+    assert_eq!(h.run_builtin("checkpoint", ctx).0.unwrap(), Decision::PassThrough);
+    assert!(recorder.calls.lock().unwrap().is_empty());
+    assert_eq!(h.counters().get("arch_checkpoint_attempts_total"), None, "a pre-dump is not ARCH's checkpoint");
+
+    let (ctx, _) = h.context("checkpoint --tcp-established c1", &[("ARCH_CHECKPOINT_KEY", "/etc")], &[], 0);
+    assert_eq!(h.run_builtin("checkpoint", ctx).0.unwrap(), Decision::PassThrough, "not run: plain runc checkpoint");
+    let counters = h.counters();
+    assert_eq!(counters.get("arch_checkpoint_attempts_total"), Some(&1), "{counters:?}");
+    assert_eq!(counters.get("arch_checkpoint_failures_total{reason=\"not_run\"}"), Some(&1), "{counters:?}");
 }
 
 #[test]
@@ -215,9 +247,9 @@ fn requests_outside_the_container_are_refused() {
     let (ctx, _) = h.context("checkpoint --image-path /tmp/ctd c1", &[("MISBEHAVE", "escape")], &[], 0);
     let (decision, ctx) = h.run_file("arch-fixture-misbehave", ctx);
     let Decision::ExecRunc(args) = decision.unwrap() else { panic!("expected exec-runc") };
-    assert!(ctx.scoped_runc_argv(&args).unwrap_err().contains("only act on container c1"));
+    assert!(ctx.scope.runc_argv(&args).unwrap_err().contains("only act on container c1"));
 
-    let ok = |args: &str| ctx.scoped_runc_argv(&strings(args));
+    let ok = |args: &str| ctx.scope.runc_argv(&strings(args));
     assert_eq!(
         ok("checkpoint --image-path /tmp/ctd c1").unwrap(),
         strings(&format!("{GLOBALS} checkpoint --image-path /tmp/ctd c1"))

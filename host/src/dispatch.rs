@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
 use crate::runc;
 use crate::triggers::{self, Kind, Trigger};
-use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
+use crate::wasm::{self, CallContext, Decision, Limits};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -263,22 +263,8 @@ impl Call {
             Origin::Builtin => format!("builtin:{}", &module.digest[..12]),
             Origin::Override(p) => format!("{}:{}", p.display(), &module.digest[..12]),
         };
-        let ctx = CallContext {
-            invocation: self.inv.clone(),
-            namespace: record.namespace,
-            id: record.id,
-            bundle: record.bundle,
-            facts: record.facts,
-            record_path,
-            allowed_roots: self.config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect(),
-            runner: Box::new(ChildRunc(runc.to_path_buf())),
-            config: self.config.clone(),
-            runc: runc.to_path_buf(),
-            metrics: Some(Metrics::new(&self.config)),
-            ran_original: None,
-            trigger,
-            deadline,
-        };
+        let ctx = CallContext::new(self.inv.clone(), record, record_path, self.config.clone(), runc.to_path_buf())
+            .with_trigger(trigger, deadline);
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
         let (result, ctx) = match self.run_module(&module, ctx, limits) {
             Ok(done) => done,
@@ -291,10 +277,10 @@ impl Call {
         self.report.decision = format!("{result:?}");
         match result {
             Decision::PassThrough => self.exec(runc, None),
-            Decision::ExecRunc(args) => match ctx.scoped_runc_argv(&args) {
+            Decision::ExecRunc(args) => match ctx.scope.runc_argv(&args) {
                 Ok(full) => self.exec(runc, Some(full)),
                 Err(e) => {
-                    tracing::error!(id = %ctx.id, "handler's exec-runc refused: {e}");
+                    tracing::error!(id = %ctx.id(), "handler's exec-runc refused: {e}");
                     self.count("arch_module_failures_total");
                     self.fail_open(runc, ctx.ran_original, "exec-runc refused")
                 }

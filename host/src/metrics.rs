@@ -66,7 +66,7 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ("arch_passthrough_total", "counter", "runc calls passed straight to runc, by command."),
     ("arch_exits_total", "counter", "Exits of ARCH-enabled containers seen by archctl watch, by outcome."),
     ("arch_checkpoints_removed_total", "counter", "Checkpoint keys or generations removed, by reason."),
-    ("arch_module_events_total", "counter", "Counters of custom modules, by name."),
+    ("arch_module_events_total", "counter", "Counters kept by handler modules, by module and name."),
     (
         "arch_thaws_total",
         "counter",
@@ -97,30 +97,13 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     ("arch_spot_notices_total", "counter", "Spot notices seen by archctl watch, by notice (interruption, rebalance)."),
 ];
 
-/// Maps a counter name used by a handler module (the WIT `metrics.count`)
-/// to a family and labels.
-pub fn from_guest(name: &str) -> (&'static str, Vec<(&'static str, String)>) {
-    let reason = |r: &str| vec![("reason", r.to_owned())];
-    match name {
-        "checkpoint_attempts_total" => ("arch_checkpoint_attempts_total", vec![]),
-        "checkpoint_success_total" => ("arch_checkpoint_successes_total", vec![]),
-        "checkpoint_failure_runc_total" => ("arch_checkpoint_failures_total", reason("runc")),
-        "checkpoint_failure_incomplete_total" => ("arch_checkpoint_failures_total", reason("incomplete")),
-        "checkpoint_failure_not_run_total" => ("arch_checkpoint_failures_total", reason("not_run")),
-        "checkpoint_images_bytes_total" => ("arch_checkpoint_bytes_total", vec![("part", "images".into())]),
-        "checkpoint_rootfs_bytes_total" => ("arch_checkpoint_bytes_total", vec![("part", "rootfs".into())]),
-        "restore_attempts_total" => ("arch_restore_attempts_total", vec![]),
-        "restore_success_total" => ("arch_restore_successes_total", vec![]),
-        "restore_failure_total" => ("arch_restore_failures_total", vec![]),
-        "restore_invalid_total" => ("arch_generations_skipped_total", reason("invalid")),
-        "restore_incompatible_total" => ("arch_generations_skipped_total", reason("incompatible")),
-        "restore_refused_key_total" => ("arch_refused_keys_total", vec![]),
-        "restore_fallback_fresh_total" => ("arch_restore_fallbacks_total", vec![("outcome", "fresh".into())]),
-        "restore_failed_create_total" => ("arch_restore_fallbacks_total", vec![("outcome", "fail".into())]),
-        "create_fresh_total" => ("arch_fresh_starts_total", vec![]),
-        "quarantined_total" => ("arch_quarantines_total", vec![]),
-        _ => ("arch_module_events_total", vec![("name", name.to_owned())]),
-    }
+/// The series of a counter that a handler module keeps (the WIT
+/// `metrics.count`): its own event `name`, under the `module` (the
+/// subcommand it serves) that counted it. Checkpoint and restore outcomes
+/// are the host's to count (`crate::wasm`), so no name a module uses stands
+/// for one of ARCH's families.
+pub fn from_guest(module: &str, name: &str) -> (&'static str, Vec<(&'static str, String)>) {
+    ("arch_module_events_total", vec![("module", module.to_owned()), ("name", name.to_owned())])
 }
 
 /// Metric names of modules are `[a-z0-9_]+`, at most 64 bytes.
@@ -307,12 +290,12 @@ impl Metrics {
         }
     }
 
-    /// A counter named by a handler module.
-    pub fn count_guest(&self, name: &str, n: u64) -> Result<(), String> {
+    /// A counter named by a handler module serving `module`.
+    pub fn count_guest(&self, module: &str, name: &str, n: u64) -> Result<(), String> {
         if !valid_name(name) {
             return Err(format!("bad counter name {name:?}"));
         }
-        let (family, labels) = from_guest(name);
+        let (family, labels) = from_guest(module, name);
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.count(family, &labels, n);
         Ok(())
@@ -468,12 +451,13 @@ mod tests {
     }
 
     #[test]
-    fn guest_names_map_to_families() {
-        assert_eq!(
-            from_guest("checkpoint_failure_runc_total"),
-            ("arch_checkpoint_failures_total", vec![("reason", "runc".into())])
-        );
-        assert_eq!(from_guest("vendor_thing"), ("arch_module_events_total", vec![("name", "vendor_thing".into())]));
+    fn guest_counters_are_module_events_whatever_their_name() {
+        for name in ["checkpoint_failure_runc_total", "vendor_thing"] {
+            assert_eq!(
+                from_guest("checkpoint", name),
+                ("arch_module_events_total", vec![("module", "checkpoint".into()), ("name", name.into())])
+            );
+        }
     }
 
     #[test]
