@@ -1,5 +1,5 @@
 //! Handler modules in the real wasmtime host: each builtin, the example vendor
-//! module, misbehaving
+//! module, a module built against the WIT interface 0.1.0, misbehaving
 //! modules (trap, endless loop, memory bomb, a request outside the
 //! container's scope), the host's count of outcomes, the module cache, and
 //! override checks.
@@ -9,7 +9,7 @@ mod support;
 use arch::argv;
 use arch::container::{BundleFacts, Record, Records};
 use arch::modules::{self, Origin, Refusal};
-use arch::wasm::{CacheOutcome, CallContext, Decision, Limits, RuncRunner, Runtime, Scope};
+use arch::wasm::{CacheOutcome, CallContext, Decision, Interface, Limits, RuncRunner, Runtime, Scope};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -223,6 +223,77 @@ fn builtin_checkpoint_leaves_partial_checkpoints_to_runc_and_the_host_counts_the
     let counters = h.counters();
     assert_eq!(counters.get("arch_checkpoint_attempts_total"), Some(&1), "{counters:?}");
     assert_eq!(counters.get("arch_checkpoint_failures_total{reason=\"not_run\"}"), Some(&1), "{counters:?}");
+    assert!(
+        !counters.keys().any(|k| k.starts_with("arch_module_events_total")),
+        "builtins count nothing: {counters:?}"
+    );
+}
+
+/// A module built against 0.1.0, as vendor modules were before 0.2.0: the
+/// host tells its version, caches it, serves every 0.1.0 import, and counts
+/// what comes of its checkpoints and creates itself.
+#[test]
+fn a_module_built_against_v0_1_still_works() {
+    let h = Harness::new();
+    let wasm = std::fs::read(module_wasm("arch-fixture-v0-1")).unwrap();
+    let module = modules::Module {
+        subcommand: "checkpoint".into(),
+        origin: Origin::Builtin,
+        digest: modules::sha256_hex(&wasm),
+        wasm: wasm.clone().into(),
+    };
+    let cache = h.dir.path().join("cache");
+    let (compiled, outcome) = h.runtime.load(&module, &cache).unwrap();
+    assert_eq!(outcome, CacheOutcome::Compiled { stored: true });
+    assert_eq!(h.runtime.check(&compiled).unwrap(), Interface::V0_1);
+    let (component, outcome) = h.runtime.load(&module, &cache).unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit, "0.1.0 modules are cached as 0.2.0 ones are");
+    assert_eq!(h.runtime.check(&component).unwrap(), Interface::V0_1);
+    let builtin = h.runtime.load(&h.builtin("start"), &cache).unwrap().0;
+    assert_eq!(h.runtime.check(&builtin).unwrap(), Interface::LATEST);
+    let run = |ctx| h.runtime.call(&component, ctx, LIMITS);
+
+    // start: 0.1.0 reads the note `restored-from` (which the host writes when it restores).
+    let (ctx, _) = h.context_noted("start c1", &[], &[], &[("restored-from", "gen-1")], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::Exit(0));
+    let (ctx, _) = h.context("start c1", &[], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+
+    // delete: runc.run, then state.forget.
+    let (ctx, recorder) = h.context("delete c1", &[], &[], 0);
+    let record_path = ctx.record_path.clone();
+    let (decision, ctx) = run(ctx);
+    assert_eq!(decision.unwrap(), Decision::Exit(0));
+    assert_eq!(ctx.ran_original, Some(0));
+    assert_eq!(recorder.calls.lock().unwrap()[0], strings(&format!("{GLOBALS} delete c1")));
+    assert!(!record_path.exists());
+
+    // Anything else: state.set and log.write.
+    let (ctx, _) = h.context("pause c1", &[], &[], 0);
+    let record_path = ctx.record_path.clone();
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    assert_eq!(Records::load(&record_path).unwrap().unwrap().notes.get("seen").map(String::as_str), Some("pause"));
+
+    // checkpoint: a refused key, then a flag 0.1.0's take does not carry.
+    let (ctx, _) = h.context("checkpoint --tcp-established c1", &[("ARCH_CHECKPOINT_KEY", "../../etc")], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    let (ctx, _) = h.context("checkpoint --leave-running c1", &[], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    // create: key and list (nothing there yet): a fresh start.
+    let (ctx, _) = h.context("create --bundle /b c1", &[("ARCH_ENABLE", "1")], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+
+    let counters = h.counters();
+    for (series, n) in [
+        ("arch_checkpoint_attempts_total", 2),
+        ("arch_checkpoint_failures_total{reason=\"not_run\"}", 2),
+        ("arch_fresh_starts_total", 1),
+        // Its own count under a name that once stood for ARCH's family: a module event now.
+        ("arch_module_events_total{module=\"checkpoint\",name=\"checkpoint_attempts_total\"}", 2),
+    ] {
+        assert_eq!(counters.get(series), Some(&n), "{series}: {counters:?}");
+    }
+    assert_eq!(counters.get("arch_refused_keys_total"), None, "a refused key is counted at create only");
 }
 
 #[test]
