@@ -27,6 +27,7 @@ pub use versions::Interface;
 
 use crate::modules::Module;
 use std::path::Path;
+use std::sync::OnceLock;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -62,7 +63,9 @@ impl WasiView for HostState {
 
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<HostState>,
+    /// Each version's linker, made when a module of that version is first
+    /// checked or called (a call needs one).
+    linkers: [OnceLock<Linker<HostState>>; Interface::ALL.len()],
 }
 
 impl Runtime {
@@ -70,10 +73,16 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.consume_fuel(true);
         let engine = Engine::new(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        versions::add_to_linker(&mut linker)?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime { engine, linkers: Default::default() })
+    }
+
+    fn linker(&self, interface: Interface) -> anyhow::Result<&Linker<HostState>> {
+        let cell = &self.linkers[interface as usize];
+        if let Some(linker) = cell.get() {
+            return Ok(linker);
+        }
+        let linker = versions::linker(&self.engine, interface)?;
+        Ok(cell.get_or_init(|| linker))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -89,7 +98,7 @@ impl Runtime {
     /// it fits that version's handler world and what the host links.
     pub fn check(&self, component: &Component) -> anyhow::Result<Interface> {
         let interface = Interface::of(&self.engine, component)?;
-        versions::check(&self.linker, component, interface)?;
+        versions::check(self.linker(interface)?, component, interface)?;
         Ok(interface)
     }
 
@@ -126,6 +135,6 @@ impl Runtime {
         store.set_fuel(fuel)?;
         let interface = Interface::of(&self.engine, component)?;
         tracing::debug!(interface = interface.version(), "calling the module");
-        versions::call(store, &self.linker, component, interface)
+        versions::call(store, self.linker(interface)?, component, interface)
     }
 }

@@ -1,7 +1,7 @@
 //! The versions of the WIT interface `arch:handler` that the host serves,
-//! side by side: each one's bindings, how a component's version is told
-//! (by the names of the interfaces it imports), and a call in its terms.
-//! The capabilities behind them are version-independent (`host/`).
+//! side by side: each one's bindings and linker, how a component's version
+//! is told (by the names of the interfaces it imports), and a call in its
+//! terms. The capabilities behind them are version-independent (`host/`).
 //!
 //! A new version is a new `wit/vX.Y.Z/` directory, one `interface!` line
 //! here, a variant of [`Interface`], and its arguments; the older versions
@@ -100,11 +100,17 @@ impl std::fmt::Display for Interface {
     }
 }
 
-/// Links every version's imports (their capabilities) into `linker`.
-pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
-    v0_1::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
-    v0_2::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)?;
-    Ok(())
+/// A linker for `interface`'s modules: WASI (which Rust's std imports, with
+/// nothing granted) and the version's imports. Only the version a call needs
+/// is linked: linking costs about as much per version as WASI itself.
+pub(super) fn linker(engine: &Engine, interface: Interface) -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    match interface {
+        Interface::V0_1 => v0_1::Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?,
+        Interface::V0_2 => v0_2::Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?,
+    }
+    Ok(linker)
 }
 
 /// Checks that `component` fits `interface`'s world and what the host links.
