@@ -135,6 +135,8 @@ rm -rf "${ckroot:?}/bench-1"
 
 runs=$work/runs.json
 : >"$runs"
+# Anything else running on the machine shows here (the table notes it).
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq "$repeat"); do
   for n in "${counts[@]}"; do
     # --- spot: watch takes the final checkpoints -----------------------------
@@ -257,7 +259,8 @@ done
 mkdir -p "$repo/target/bench"
 out=$repo/target/bench/spot.md
 [ "$mode" = basic ] || out=$repo/target/bench/spot-$mode.md
-python3 - "$runs" "$mem" "$layer_mib" "$repeat" "$mode" "$poll" "$margin" "$(nproc)" <<'PY' | tee "$out"
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$runs" "$mem" "$layer_mib" "$repeat" "$mode" "$poll" "$margin" "$(nproc)" "$load_start" "$load_end" <<'PY' | tee "$out"
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 mem, layer, repeat, mode, poll, margin, cores = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6]), float(sys.argv[7]), sys.argv[8]
@@ -288,7 +291,8 @@ for n in sorted({r["n"] for r in runs}):
                  f"and a {margin:g} s margin: **{med(mem_rate) * usable:.1f} GiB per node**.")
 print()
 print(f"Mode {mode}; {mem} MiB of memory and a {layer} MiB layer per container; {cores} cores; medians of {repeat} runs; "
-      f"spot_poll_interval_secs {poll:g} (default), max_concurrent_checkpoints 4 (default).")
+      f"spot_poll_interval_secs {poll:g} (default), max_concurrent_checkpoints 4 (default). "
+      f"Load average (1, 5, 15 min) before the runs: {sys.argv[9]}; after: {sys.argv[10]}.")
 print("Memory that fits in a notice at the measured rate (first dump → all published):")
 print("\n".join(notes))
 print()
