@@ -21,6 +21,7 @@ layer_mib=${LAYER_MIB:-1024}
 # shellcheck source=scripts/bench-lib.sh
 . "$repo/scripts/bench-lib.sh"
 bench_init arch-bench-ck
+# shellcheck disable=SC2119 # no extra settings
 bench_config
 
 n=0
@@ -34,7 +35,7 @@ b=$(bundle warm2 1 4); run_arch warm2 "$b"; drop warm2
 results=()
 for mem in "${sizes[@]}"; do
   declare -a ck_arch=() ck_plain=() ck_sync=() rs_arch=() rs_plain=() fr_arch=() fr_plain=()
-  for r in $(seq "$repeat"); do
+  for _ in $(seq "$repeat"); do
     n=$((n + 1))
     rm -rf "$ckroot/bench-$mem"
     # ARCH checkpoint (no --leave-running: the container stops, as with plain runc)

@@ -18,6 +18,9 @@
 #   drop ID              runc delete -f
 #   seconds, elapsed T0 T1, med VALUES...
 #   on_cleanup COMMAND   run COMMAND first when the script exits, however it exits
+#
+# The variables set here are for the callers; $repo and $layer_mib are theirs.
+# shellcheck shell=bash disable=SC2034,SC2154
 
 # The config must be root's alone, or ARCH ignores it (reference: Trust).
 umask 022

@@ -70,7 +70,9 @@ os.rename(port_file + ".tmp", port_file)
 server.serve_forever()
 PY
 python3 "$work/imds.py" "$work/notice" "$work/imds-polls" "$work/imds-port" >"$work/imds.out" 2>&1 &
+# shellcheck disable=SC2034 # imds_pid is read by the cleanup hook
 imds_pid=$!
+# shellcheck disable=SC2016 # hooks expand when they run
 on_cleanup 'kill "$imds_pid" 2>/dev/null; wait "$imds_pid" 2>/dev/null'
 for _ in $(seq 100); do [ -s "$work/imds-port" ] && break; sleep 0.1; done
 [ -s "$work/imds-port" ] || { echo "the IMDS stand-in did not start: $(cat "$work/imds.out")" >&2; exit 1; }
@@ -102,6 +104,7 @@ stop_watch() {
   for c in $children; do timeout 300 tail --pid="$c" -f /dev/null || true; done
   watch_pid=
 }
+# shellcheck disable=SC2016
 on_cleanup 'rm -f "$work/notice"; stop_watch'
 
 # ARCH's delete moves its record to ended/, as through containerd: watch does
