@@ -50,6 +50,9 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     runtime.block_on(watch(config, args))
 }
 
+/// How often an unreachable containerd is warned about (retries go on meanwhile).
+const UNAVAILABLE_WARN_EVERY: Duration = Duration::from_secs(600);
+
 /// How often watch looks for containers that a killed arch-runc left frozen
 /// (a directory listing per runc root; `--sweep-secs` if that is shorter).
 const THAW_PERIOD: Duration = Duration::from_secs(2);
@@ -78,16 +81,21 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     let thaw_period = period.min(THAW_PERIOD);
     let mut thaw = tokio::time::interval_at(tokio::time::Instant::now() + thaw_period, thaw_period);
     let mut backoff = Duration::from_millis(250);
+    // A host may run watch for Spot notices before (or without) containerd:
+    // one warning, then one every ten minutes while it stays away.
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         match follow(config, &address, args.once, (&mut sweep, &mut thaw), &mut term, &mut int).await {
             Ok(Stop::Signal | Stop::Once) => return Ok(0),
             Err(e) if args.once => {
                 return Err(CtlError::Unavailable(format!("containerd at {}: {e:#}", address.display())).into())
             }
-            Err(e) => {
+            Err(e) if warned.is_none_or(|at| at.elapsed() >= UNAVAILABLE_WARN_EVERY) => {
                 tracing::warn!(target: "arch::watch", address = %address.display(), error = format!("{e:#}"),
                     retry_ms = backoff.as_millis() as u64, "containerd unavailable; reconnecting");
+                warned = Some(tokio::time::Instant::now());
             }
+            Err(e) => tracing::debug!(target: "arch::watch", error = format!("{e:#}"), "containerd still unavailable"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
