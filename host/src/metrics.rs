@@ -496,6 +496,83 @@ mod tests {
         assert_eq!(m.read().unwrap().total("arch_x_total"), 5);
     }
 
+    /// The exposition of a counter family with labels, a histogram without
+    /// labels and a family no longer known, byte for byte.
+    #[test]
+    fn prometheus_text_is_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metrics::at(dir.path());
+        m.count("arch_passthrough_total", &[("command", "state")], 2);
+        m.count("arch_passthrough_total", &[("command", "none")], 1);
+        m.observe("arch_trigger_to_publish_seconds", &[], 0.3);
+        m.count("arch_gone_total", &[("why", "renamed")], 4);
+        let text = m.read().unwrap().to_prometheus();
+        let block = |name: &str| -> String {
+            let start = text.find(&format!("# HELP {name} ")).unwrap();
+            let end = text[start + 1..].find("# HELP").map_or(text.len(), |e| start + 1 + e);
+            text[start..end].to_owned()
+        };
+        assert_eq!(
+            block("arch_passthrough_total"),
+            "# HELP arch_passthrough_total runc calls passed straight to runc, by command.\n\
+             # TYPE arch_passthrough_total counter\n\
+             arch_passthrough_total{command=\"none\"} 1\n\
+             arch_passthrough_total{command=\"state\"} 2\n"
+        );
+        let buckets: String = BUCKETS
+            .iter()
+            .map(|b| format!("arch_trigger_to_publish_seconds_bucket{{le=\"{b}\"}} {}\n", u8::from(*b >= 0.5)))
+            .collect();
+        assert_eq!(
+            block("arch_trigger_to_publish_seconds"),
+            format!(
+                "# HELP arch_trigger_to_publish_seconds From a trigger firing to its generation's publication, by \
+                 trigger.\n# TYPE arch_trigger_to_publish_seconds histogram\n{buckets}\
+                 arch_trigger_to_publish_seconds_bucket{{le=\"+Inf\"}} 1\n\
+                 arch_trigger_to_publish_seconds_sum 0.3\n\
+                 arch_trigger_to_publish_seconds_count 1\n"
+            )
+        );
+        assert!(text.starts_with("# HELP arch_checkpoint_attempts_total Checkpoint requests ARCH handled.\n"));
+        assert!(text.ends_with(
+            "# HELP arch_gone_total A counter without a description.\n# TYPE arch_gone_total counter\n\
+             arch_gone_total{why=\"renamed\"} 4\n"
+        ));
+        assert_eq!(text.matches("# HELP ").count(), FAMILIES.len() + 1);
+    }
+
+    /// One EMF line per figure, byte for byte but for the timestamp.
+    #[test]
+    fn emf_lines_are_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("emf/arch.jsonl");
+        let m =
+            Metrics { emf: Some(Emf { file: file.clone(), namespace: "ARCH/test".into() }), ..Metrics::at(dir.path()) };
+        m.record(&[
+            ("arch_checkpoint_bytes_total", &[("part", "images")], Value::Count(4096)),
+            ("arch_phase_duration_seconds", &[("operation", "checkpoint"), ("phase", "dump")], Value::Seconds(0.25)),
+        ]);
+        m.count("arch_fresh_starts_total", &[], 1);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let masked: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let (head, rest) = l.split_once("\"Timestamp\":").unwrap();
+                let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+                format!("{head}\"Timestamp\":T{}", &rest[digits..])
+            })
+            .collect();
+        assert_eq!(
+            masked,
+            [
+                r#"{"_aws":{"CloudWatchMetrics":[{"Dimensions":[["part"]],"Metrics":[{"Name":"arch_checkpoint_bytes_total","Unit":"Bytes"}],"Namespace":"ARCH/test"}],"Timestamp":T},"arch_checkpoint_bytes_total":4096,"part":"images"}"#,
+                r#"{"_aws":{"CloudWatchMetrics":[{"Dimensions":[["operation","phase"]],"Metrics":[{"Name":"arch_phase_duration_seconds","Unit":"Seconds"}],"Namespace":"ARCH/test"}],"Timestamp":T},"arch_phase_duration_seconds":0.25,"operation":"checkpoint","phase":"dump"}"#,
+                r#"{"_aws":{"CloudWatchMetrics":[{"Dimensions":[[]],"Metrics":[{"Name":"arch_fresh_starts_total","Unit":"Count"}],"Namespace":"ARCH/test"}],"Timestamp":T},"arch_fresh_starts_total":1}"#,
+            ]
+        );
+        assert_eq!(m.read().unwrap().total("arch_checkpoint_bytes_total"), 4096, "the EMF copy is a copy");
+    }
+
     #[test]
     fn histogram_exposition_is_cumulative() {
         let dir = tempfile::tempdir().unwrap();
