@@ -181,7 +181,7 @@ fn watch_serves_metrics_over_http() {
         return;
     }
     let inst = Instance::new(std::path::Path::new("/bin/true"));
-    arch::metrics::Metrics::at(&inst.path("state")).count("arch_checkpoint_attempts_total", &[], 3);
+    arch::metrics::Metrics::at(&inst.path("state")).count(arch::metrics::CHECKPOINT_ATTEMPTS, &[], 3);
     let port = 20000 + (std::process::id() % 20000) as u16;
     let mut child = inst
         .archctl()

@@ -13,7 +13,7 @@ use crate::checkpoint::key::Location;
 use crate::checkpoint::store::Store;
 use crate::config::Config;
 use crate::lifecycle::parse_duration;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +120,7 @@ struct Plan {
 fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyhow::Result<()> {
     if *expired {
         catalog::remove_key(location, &|_| {})?;
-        metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
+        metrics.count(metrics::CHECKPOINTS_REMOVED, &[("reason", "exit_zero_ttl")], 1);
         return Ok(());
     }
     let store = Store::new(location);
@@ -131,7 +131,7 @@ fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyh
     store.remove_pending()?;
     for (g, reason) in doomed {
         catalog::remove_generation(g)?;
-        metrics.count("arch_checkpoints_removed_total", &[("reason", reason)], 1);
+        metrics.count(metrics::CHECKPOINTS_REMOVED, &[("reason", reason)], 1);
     }
     // A key left with nothing goes too (after our lock: remove_key takes it).
     let empty = store.generations()?.is_empty() && store.quarantined()?.is_empty();

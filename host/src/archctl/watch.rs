@@ -13,7 +13,7 @@ use super::CtlError;
 use crate::config::Config;
 use crate::container::Records;
 use crate::lifecycle::{self, Ended, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use anyhow::Context;
 use containerd_client::events::TaskExit;
 use containerd_client::services::v1::events_client::EventsClient;
@@ -214,7 +214,7 @@ fn settle(config: &Config, ended: &Ended) {
         Err(e) => {
             tracing::error!(target: "arch::watch", namespace = %ended.namespace, id = %ended.id,
                 error = format!("{e:#}"), "could not settle an exit");
-            Metrics::new(config).count("arch_failures_total", &[], 1);
+            Metrics::new(config).count(metrics::FAILURES, &[], 1);
         }
     }
 }
