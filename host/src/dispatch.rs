@@ -18,7 +18,7 @@ use crate::argv::{self, Invocation};
 use crate::checkpoint::freeze;
 use crate::config::Config;
 use crate::container::{self, BundleFacts, Record, Records};
-use crate::metrics::{self, Family, Metrics};
+use crate::metrics::{self, Family};
 use crate::modules::{self, Origin};
 use crate::runc;
 use crate::triggers::{self, Kind, Trigger};
@@ -32,6 +32,7 @@ use std::time::Instant;
 pub fn main(argv: Vec<OsString>) -> i32 {
     let started = Instant::now();
     let loaded = Config::load();
+    metrics::init(&loaded.config);
     let args: Vec<OsString> = argv.into_iter().skip(1).collect();
     let utf8: Option<Vec<String>> = args.iter().map(|a| a.clone().into_string().ok()).collect();
     let inv = argv::parse(utf8.as_deref().unwrap_or_default());
@@ -92,11 +93,11 @@ impl Call {
                 if self.report.reason.is_empty() {
                     self.report.reason = reason;
                 }
-                Metrics::new(&self.config).count(metrics::PASSTHROUGH, &command, 1);
+                metrics::handle().count(metrics::PASSTHROUGH, &command, 1);
                 self.exec(&runc, None)
             }
             Route::Handle(record_path) => {
-                Metrics::new(&self.config).count(metrics::HANDLED, &command, 1);
+                metrics::handle().count(metrics::HANDLED, &command, 1);
                 self.handle(&runc, record_path)
             }
         }
@@ -274,7 +275,7 @@ impl Call {
             runner: Box::new(ChildRunc(runc.to_path_buf())),
             config: self.config.clone(),
             runc: runc.to_path_buf(),
-            metrics: Some(Metrics::new(&self.config)),
+            metrics: Some(metrics::handle().clone()),
             ran_original: None,
             trigger,
             deadline,
@@ -324,7 +325,7 @@ impl Call {
     }
 
     fn count_trigger(&self, kind: Kind) {
-        Metrics::new(&self.config).count(metrics::TRIGGERS, &[("trigger", kind.name())], 1);
+        metrics::handle().count(metrics::TRIGGERS, &[("trigger", kind.name())], 1);
     }
 
     /// A pass-through call on a container that a dead arch-runc left frozen
@@ -398,7 +399,7 @@ impl Call {
     }
 
     fn count(&self, family: Family) {
-        Metrics::new(&self.config).count(family, &[], 1);
+        metrics::handle().count(family, &[], 1);
     }
 
     /// The one record per invocation.

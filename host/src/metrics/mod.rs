@@ -5,6 +5,12 @@
 //!   (appends that never wait for each other, compaction into a snapshot);
 //! - `prometheus.rs`: the text exposition of the totals;
 //! - `emf.rs`: the optional CloudWatch Embedded Metric Format copy.
+//!
+//! A process records through one handle, made from its config by [`init`]
+//! when arch-runc or archctl starts and found anywhere with [`handle`], so
+//! that code deep in a call needs no config to count, and one place decides
+//! where a process's figures go (a refused host config's arch-runc counts
+//! under the default `state_dir`). Tests build their own with [`Metrics::at`].
 
 mod emf;
 mod families;
@@ -16,12 +22,31 @@ pub use storage::{family_of, series, Histogram, Snapshot, BUCKETS};
 
 use emf::Emf;
 use std::path::Path;
+use std::sync::OnceLock;
 use storage::Storage;
+
+/// This process's handle, set by [`init`].
+static PROCESS: OnceLock<Metrics> = OnceLock::new();
+
+/// What [`handle`] gives before [`init`]: library code under test records
+/// nothing rather than into the default `state_dir`.
+static UNSET: Metrics = Metrics { storage: None, emf: None };
+
+/// Makes this process's handle from its config, once, when arch-runc or
+/// archctl starts; a later call keeps the first one.
+pub fn init(config: &crate::config::Config) -> &'static Metrics {
+    PROCESS.get_or_init(|| Metrics::new(config))
+}
+
+/// This process's handle (one that records nothing before [`init`]).
+pub fn handle() -> &'static Metrics {
+    PROCESS.get().unwrap_or(&UNSET)
+}
 
 /// Where figures go: the counters on disk and, if configured, the EMF copy.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    storage: Storage,
+    storage: Option<Storage>,
     emf: Option<Emf>,
 }
 
@@ -42,16 +67,17 @@ pub enum Value {
 }
 
 impl Metrics {
-    /// The metrics of `config`: under its `state_dir`, with its CloudWatch copy if any.
+    /// The metrics of `config` (its `state_dir`, its CloudWatch copy if any);
+    /// a process records through the one [`init`] made.
     pub fn new(config: &crate::config::Config) -> Self {
         let emf =
             config.cloudwatch_emf_file.clone().map(|file| Emf { file, namespace: config.cloudwatch_namespace.clone() });
-        Metrics { storage: Storage::at(&config.state_dir), emf }
+        Metrics { storage: Some(Storage::at(&config.state_dir)), emf }
     }
 
     /// Metrics under `state_dir`, without a CloudWatch copy.
     pub fn at(state_dir: &Path) -> Self {
-        Metrics { storage: Storage::at(state_dir), emf: None }
+        Metrics { storage: Some(Storage::at(state_dir)), emf: None }
     }
 
     /// Adds `n` to a counter; failures are logged, never returned: metrics
@@ -83,8 +109,10 @@ impl Metrics {
     }
 
     fn write(&self, figures: &[Named]) {
-        if let Err(e) = self.storage.append(figures) {
-            tracing::warn!(error = %e, "metrics not recorded");
+        if let Some(storage) = &self.storage {
+            if let Err(e) = storage.append(figures) {
+                tracing::warn!(error = %e, "metrics not recorded");
+            }
         }
         if let Some(emf) = &self.emf {
             if let Err(e) = emf.write(figures) {
@@ -96,12 +124,12 @@ impl Metrics {
     /// Totals of everything recorded so far; folds the events into the
     /// snapshot first when the event file has grown big.
     pub fn read(&self) -> std::io::Result<Snapshot> {
-        self.storage.read()
+        self.storage.as_ref().map_or_else(|| Ok(Snapshot::default()), Storage::read)
     }
 
     /// Folds the event file into the snapshot and starts a new, empty one.
     pub fn compact(&self) -> std::io::Result<Snapshot> {
-        self.storage.compact()
+        self.storage.as_ref().map_or_else(|| Ok(Snapshot::default()), Storage::compact)
     }
 }
 
@@ -181,5 +209,11 @@ mod tests {
         assert_eq!(snap.histograms["arch_phase_duration_seconds{phase=\"dump\"}"].count, 1);
         assert_eq!(snap.counters["arch_module_events_total{name=\"vendor_thing\"}"], 2);
         assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 4);
+    }
+
+    #[test]
+    fn before_init_nothing_is_recorded() {
+        UNSET.count(FAILURES, &[], 1);
+        assert_eq!(UNSET.read().unwrap(), Snapshot::default());
     }
 }
