@@ -13,7 +13,7 @@ use super::CtlError;
 use crate::config::Config;
 use crate::container::Records;
 use crate::lifecycle::{self, Ended, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics;
 use anyhow::Context;
 use containerd_client::events::TaskExit;
 use containerd_client::services::v1::events_client::EventsClient;
@@ -67,7 +67,7 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     if let Some(addr) = args.listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for /metrics"))?;
-        tokio::spawn(serve_metrics(listener, config.clone()));
+        tokio::spawn(serve_metrics(listener));
     }
     if !args.once {
         start_triggers(config);
@@ -222,7 +222,7 @@ fn settle(config: &Config, ended: &Ended) {
         Err(e) => {
             tracing::error!(target: "arch::watch", namespace = %ended.namespace, id = %ended.id,
                 error = format!("{e:#}"), "could not settle an exit");
-            Metrics::new(config).count("arch_failures_total", &[], 1);
+            metrics::handle().count(metrics::FAILURES, &[], 1);
         }
     }
 }
@@ -286,10 +286,9 @@ fn runc_says_alive(config: &Config, root: Option<&str>, id: &str) -> bool {
 }
 
 /// A minimal HTTP/1.1 server: `GET /metrics` answers Prometheus text, anything else 404.
-async fn serve_metrics(listener: tokio::net::TcpListener, config: Config) {
+async fn serve_metrics(listener: tokio::net::TcpListener) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else { continue };
-        let config = config.clone();
         tokio::spawn(async move {
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
@@ -303,7 +302,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, config: Config) {
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => match Metrics::new(&config).read() {
+                ("GET", "/metrics") => match metrics::handle().read() {
                     Ok(snapshot) => ("200 OK", snapshot.to_prometheus()),
                     Err(e) => ("500 Internal Server Error", format!("reading metrics: {e}\n")),
                 },
