@@ -88,7 +88,8 @@ impl Harness {
             ..Default::default()
         };
         let mut ctx = CallContext::new(inv, record, record_path, config, PathBuf::from("/bin/false"))
-            .with_runner(Box::new(recorder.clone()));
+            .with_runner(Box::new(recorder.clone()))
+            .with_metrics(arch::metrics::Metrics::at(self.dir.path()));
         ctx.scope =
             Scope::new(&ctx.invocation, "c1", Path::new("/b"), vec![PathBuf::from("/var/lib/arch/checkpoints")]);
         (ctx, recorder)

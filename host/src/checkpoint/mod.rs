@@ -324,7 +324,7 @@ fn record_trigger(config: &Config, trigger: &crate::triggers::Trigger, generatio
         "trigger's checkpoint published"
     );
     crate::metrics::Metrics::new(config).observe(
-        "arch_trigger_to_publish_seconds",
+        crate::metrics::TRIGGER_TO_PUBLISH,
         &[("trigger", trigger.kind.name())],
         seconds,
     );
@@ -338,7 +338,7 @@ fn record_phases(config: &Config, operation: &str, phases_ms: &std::collections:
         .values()
         .zip(&labels)
         .map(|(ms, labels)| {
-            ("arch_phase_duration_seconds", &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
+            (crate::metrics::PHASE_DURATION, &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
         })
         .collect();
     crate::metrics::Metrics::new(config).record(&figures);

@@ -68,8 +68,8 @@ pub struct CallContext {
 impl CallContext {
     /// The context of `invocation` on the container of `record` (stored at
     /// `record_path`): scoped to the container, its bundle and `config`'s
-    /// checkpoint roots; runc is `runc` run as a child; metrics go under
-    /// `config`'s state directory; a checkpoint is taken for trigger `runc`.
+    /// checkpoint roots; runc is `runc` run as a child; figures go through
+    /// the process' metrics handle; a checkpoint is taken for trigger `runc`.
     pub fn new(invocation: Invocation, record: Record, record_path: PathBuf, config: Config, runc: PathBuf) -> Self {
         let roots = config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect();
         let scope = Scope::new(&invocation, &record.id, &record.bundle, roots);
@@ -82,7 +82,7 @@ impl CallContext {
             facts: record.facts,
             notes: record.notes,
             runner: Box::new(ChildRunc(runc.clone())),
-            metrics: Metrics::new(&config),
+            metrics: crate::metrics::handle().clone(),
             config,
             runc,
             trigger: Trigger::now(Kind::Runc),
@@ -95,6 +95,12 @@ impl CallContext {
     pub fn with_trigger(mut self, trigger: Trigger, deadline: Option<Instant>) -> Self {
         self.trigger = trigger;
         self.deadline = deadline;
+        self
+    }
+
+    /// Figures go to `metrics` instead of the process' handle.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
         self
     }
 

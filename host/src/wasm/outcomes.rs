@@ -25,7 +25,11 @@
 use super::Decision;
 use crate::checkpoint::metadata::Metadata;
 use crate::checkpoint::TakeError;
-use crate::metrics::{Metrics, Value};
+use crate::metrics::{
+    Metrics, Value, CHECKPOINT_ATTEMPTS, CHECKPOINT_BYTES, CHECKPOINT_FAILURES, CHECKPOINT_SUCCESSES, FRESH_STARTS,
+    GENERATIONS_SKIPPED, QUARANTINES, REFUSED_KEYS, RESTORE_ATTEMPTS, RESTORE_FAILURES, RESTORE_FALLBACKS,
+    RESTORE_SUCCESSES, TRIGGER_FAILURES,
+};
 use crate::triggers::{Kind, Trigger};
 use std::collections::BTreeSet;
 
@@ -44,15 +48,15 @@ pub struct Outcomes {
 impl Outcomes {
     /// A `take` and its result.
     pub fn checkpoint(metrics: &Metrics, trigger: Trigger, result: Result<&Metadata, &TakeError>) {
-        let attempt = ("arch_checkpoint_attempts_total", &[][..], Value::Count(1));
+        let attempt = (CHECKPOINT_ATTEMPTS, &[][..], Value::Count(1));
         match result {
             Ok(meta) => {
                 let rootfs = meta.rootfs_archive_bytes.unwrap_or(0);
                 metrics.record(&[
                     attempt,
-                    ("arch_checkpoint_successes_total", &[], Value::Count(1)),
-                    ("arch_checkpoint_bytes_total", &[("part", "images")], Value::Count(meta.images_bytes)),
-                    ("arch_checkpoint_bytes_total", &[("part", "rootfs")], Value::Count(rootfs)),
+                    (CHECKPOINT_SUCCESSES, &[], Value::Count(1)),
+                    (CHECKPOINT_BYTES, &[("part", "images")], Value::Count(meta.images_bytes)),
+                    (CHECKPOINT_BYTES, &[("part", "rootfs")], Value::Count(rootfs)),
                 ]);
             }
             Err(e) => {
@@ -63,10 +67,9 @@ impl Outcomes {
                 };
                 let reason_labels = [("reason", reason)];
                 let trigger_labels = [("trigger", trigger.kind.name())];
-                let mut figures =
-                    vec![attempt, ("arch_checkpoint_failures_total", &reason_labels[..], Value::Count(1))];
+                let mut figures = vec![attempt, (CHECKPOINT_FAILURES, &reason_labels[..], Value::Count(1))];
                 if trigger.kind != Kind::Runc {
-                    figures.push(("arch_trigger_failures_total", &trigger_labels[..], Value::Count(1)));
+                    figures.push((TRIGGER_FAILURES, &trigger_labels[..], Value::Count(1)));
                 }
                 metrics.record(&figures);
             }
@@ -76,7 +79,7 @@ impl Outcomes {
     /// The container's key or root was refused at `create`.
     pub fn key_refused(&mut self, metrics: &Metrics) {
         if !std::mem::replace(&mut self.key_refused, true) {
-            metrics.count("arch_refused_keys_total", &[], 1);
+            metrics.count(REFUSED_KEYS, &[], 1);
         }
     }
 
@@ -90,7 +93,7 @@ impl Outcomes {
     /// `check` found a generation that cannot be restored here, at `create`.
     pub fn incompatible(&mut self, metrics: &Metrics, name: &str) {
         if self.incompatible.insert(name.to_owned()) {
-            metrics.count("arch_generations_skipped_total", &[("reason", "incompatible")], 1);
+            metrics.count(GENERATIONS_SKIPPED, &[("reason", "incompatible")], 1);
         }
     }
 
@@ -100,16 +103,16 @@ impl Outcomes {
         let outcome = match result {
             Ok(0) => {
                 self.restored = Some(name.to_owned());
-                "arch_restore_successes_total"
+                RESTORE_SUCCESSES
             }
-            _ => "arch_restore_failures_total",
+            _ => RESTORE_FAILURES,
         };
-        metrics.record(&[("arch_restore_attempts_total", &[], Value::Count(1)), (outcome, &[], Value::Count(1))]);
+        metrics.record(&[(RESTORE_ATTEMPTS, &[], Value::Count(1)), (outcome, &[], Value::Count(1))]);
     }
 
     /// A generation set aside.
     pub fn quarantined(metrics: &Metrics) {
-        metrics.count("arch_quarantines_total", &[], 1);
+        metrics.count(QUARANTINES, &[], 1);
     }
 
     /// Counts what a `create` came to, once its module has decided.
@@ -121,21 +124,17 @@ impl Outcomes {
         let runc_creates = matches!(decision, Decision::PassThrough | Decision::ExecRunc(_));
         let mut figures = Vec::new();
         if invalid > 0 {
-            figures.push(("arch_generations_skipped_total", &[("reason", "invalid")][..], Value::Count(invalid)));
+            figures.push((GENERATIONS_SKIPPED, &[("reason", "invalid")][..], Value::Count(invalid)));
         }
         if tried && self.restored.is_none() {
             match decision {
-                Decision::Fail(_) => {
-                    figures.push(("arch_restore_fallbacks_total", &[("outcome", "fail")], Value::Count(1)))
-                }
-                _ if runc_creates => {
-                    figures.push(("arch_restore_fallbacks_total", &[("outcome", "fresh")], Value::Count(1)))
-                }
+                Decision::Fail(_) => figures.push((RESTORE_FALLBACKS, &[("outcome", "fail")], Value::Count(1))),
+                _ if runc_creates => figures.push((RESTORE_FALLBACKS, &[("outcome", "fresh")], Value::Count(1))),
                 _ => {}
             }
         }
         if runc_creates && self.restored.is_none() && !self.key_refused {
-            figures.push(("arch_fresh_starts_total", &[], Value::Count(1)));
+            figures.push((FRESH_STARTS, &[], Value::Count(1)));
         }
         if !figures.is_empty() {
             metrics.record(&figures);
