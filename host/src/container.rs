@@ -5,9 +5,9 @@
 //! later subcommand learns "not ARCH's business" from one failed `stat`.
 
 use crate::argv::is_valid_id;
+use crate::util::fs::{create_private_dir, remove_if_present, replace_json};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// containerd's namespace for a runc `--root`: `/run/containerd/runc/<ns>`,
@@ -320,63 +320,6 @@ fn ended_path(live: &Path) -> Option<PathBuf> {
     let ns_dir = live.parent()?;
     let state_dir = ns_dir.parent()?.parent()?;
     Some(state_dir.join("ended").join(ns_dir.file_name()?).join(live.file_name()?))
-}
-
-/// Removes a file; one already gone is fine.
-pub(crate) fn remove_if_present(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// `mkdir -p` with mode 0700 for what it creates.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
-
-/// Opens (creating if needed) `path` and takes a `flock` on it (`how`:
-/// `LOCK_EX` or `LOCK_SH`, optionally `| LOCK_NB`), held until the file is closed.
-pub fn lock_file(path: &Path, how: libc::c_int) -> std::io::Result<std::fs::File> {
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-    // SAFETY: flock on a valid, open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
-/// Replaces `path` with `value` as JSON, atomically (a 0600 temp file
-/// beside it, then `rename`): readers see the old file or the new one.
-pub fn replace_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    replace_json_with(path, value, false)
-}
-
-/// As [`replace_json`], with the new content on disk before the rename, for
-/// files whose loss after a crash would lose data (the metrics snapshot).
-pub fn replace_json_durably(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    replace_json_with(path, value, true)
-}
-
-fn replace_json_with(path: &Path, value: &impl Serialize, durable: bool) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut f = private_file(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    if durable {
-        f.sync_all()?;
-    }
-    drop(f);
-    std::fs::rename(&tmp, path)
-}
-
-/// A new file (truncated if present) with mode 0600.
-pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
 use crate::runc;
 use crate::triggers::{self, Kind, Trigger};
+use crate::util::{lock, time};
 use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -164,7 +165,7 @@ impl Call {
             // Left by an earlier container of this id that runc no longer
             // knows: it must not route this one, whatever happens next.
             let removed = Records::remove(&record_path)
-                .and_then(|()| container::remove_if_present(&freeze::marker_path(&record_path)));
+                .and_then(|()| crate::util::fs::remove_if_present(&freeze::marker_path(&record_path)));
             if let Err(e) = removed {
                 tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
             }
@@ -214,9 +215,10 @@ impl Call {
     fn handle(&mut self, runc: &Path, record_path: PathBuf) -> i32 {
         let sub = self.inv.subcommand.unwrap_or_default();
         let deadline = (sub == "kill").then(|| self.stop_deadline());
+        // One call at a time per container: held until exit, or until exec closes it.
         let locked = match deadline {
-            None => lock(&record_path).map(Some),
-            Some(deadline) => lock_until(&record_path, deadline),
+            None => lock::lock_file(&record_path.with_extension("lock"), libc::LOCK_EX).map(Some),
+            Some(deadline) => lock::lock_until(&record_path.with_extension("lock"), deadline),
         };
         let _lock = match locked {
             Ok(Some(lock)) => lock,
@@ -245,7 +247,7 @@ impl Call {
                 None => return self.exec(runc, None),
             },
             "checkpoint" => {
-                let trigger = Trigger::of_checkpoint_call(crate::checkpoint::catalog::now_ms());
+                let trigger = Trigger::of_checkpoint_call(time::now_ms());
                 if trigger.kind == Kind::Runc {
                     self.count_trigger(Kind::Runc);
                 }
@@ -312,7 +314,7 @@ impl Call {
             return None;
         }
         let mut stopping = record.clone();
-        stopping.stop_signalled_unix_ms = Some(crate::checkpoint::catalog::now_ms());
+        stopping.stop_signalled_unix_ms = Some(time::now_ms());
         if let Err(e) = Records::store(record_path, &stopping) {
             tracing::warn!(id = %record.id, error = %e, "could not note the stop in ARCH's record");
         }
@@ -320,7 +322,7 @@ impl Call {
             return None;
         }
         self.count_trigger(Kind::Stop);
-        Some(Trigger { kind: Kind::Stop, fired_unix_ms: now_unix_ms(self.started) })
+        Some(Trigger { kind: Kind::Stop, fired_unix_ms: time::unix_ms_at(self.started) })
     }
 
     fn count_trigger(&self, kind: Kind) {
@@ -429,31 +431,4 @@ fn absolute(path: &Path) -> PathBuf {
     } else {
         std::env::current_dir().map(|cwd| cwd.join(path)).unwrap_or_else(|_| path.to_path_buf())
     }
-}
-
-/// The wall-clock time of an `Instant` of this process.
-fn now_unix_ms(at: Instant) -> u64 {
-    crate::checkpoint::catalog::now_ms().saturating_sub(at.elapsed().as_millis() as u64)
-}
-
-/// As [`lock`], giving up at `deadline` (`None`).
-fn lock_until(record_path: &Path, deadline: Instant) -> std::io::Result<Option<std::fs::File>> {
-    let path = record_path.with_extension("lock");
-    loop {
-        match container::lock_file(&path, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(file) => return Ok(Some(file)),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
-            Err(e) => return Err(e),
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-/// Serializes ARCH's handling of one container: an exclusive `flock` on a
-/// file beside its record, held until exit (or until exec closes it).
-fn lock(record_path: &Path) -> std::io::Result<std::fs::File> {
-    container::lock_file(&record_path.with_extension("lock"), libc::LOCK_EX)
 }

@@ -10,7 +10,8 @@
 //! - checkpoints on disk: [`checkpoint`] (take, restore, store, catalog);
 //! - checkpoints ARCH takes by itself (Spot notices, stops, intervals): [`triggers`];
 //! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);
-//! - counters and durations: [`metrics`].
+//! - counters and durations: [`metrics`];
+//! - plumbing with no ARCH domain in it (files, locks, time): [`util`].
 
 pub mod archctl;
 pub mod argv;
@@ -25,4 +26,5 @@ pub mod modules;
 pub mod runc;
 pub mod triggers;
 pub mod trust;
+pub mod util;
 pub mod wasm;

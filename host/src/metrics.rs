@@ -13,7 +13,7 @@
 //! observation of a histogram; `<series>` is `family` or
 //! `family{label="value",...}` as in Prometheus' text format.
 
-use crate::container::create_private_dir;
+use crate::util::fs::create_private_dir;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
@@ -320,9 +320,9 @@ impl Metrics {
 
     fn lock(&self, how: libc::c_int) -> std::io::Result<std::fs::File> {
         let path = self.dir.join("lock");
-        crate::container::lock_file(&path, how).or_else(|_| {
+        crate::util::lock::lock_file(&path, how).or_else(|_| {
             create_private_dir(&self.dir)?;
-            crate::container::lock_file(&path, how)
+            crate::util::lock::lock_file(&path, how)
         })
     }
 
@@ -355,12 +355,12 @@ impl Metrics {
         // First the snapshot that says the whole current file is folded in,
         // then a new event file: a crash between the two loses nothing.
         let folded = events.identity.map(|(dev, ino)| (dev, ino, events.len));
-        crate::container::replace_json_durably(
+        crate::util::fs::replace_json_durably(
             &self.dir.join("snapshot.json"),
             &Stored { totals: totals.clone(), folded },
         )?;
         let fresh = self.dir.join(format!("events.new{}", std::process::id()));
-        crate::container::private_file(&fresh)?;
+        crate::util::fs::private_file(&fresh)?;
         std::fs::rename(&fresh, self.dir.join("events"))?;
         Ok(totals)
     }
@@ -419,10 +419,7 @@ impl Emf {
     /// One EMF line per figure: CloudWatch turns each into a data point
     /// with the labels as dimensions.
     fn write(&self, figures: &[Figure]) -> std::io::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::util::time::now_ms();
         let mut lines = String::new();
         for (family, labels, value) in figures {
             let (unit, number) = match value {

@@ -14,7 +14,10 @@
 
 use super::Target;
 use crate::config::Config;
-use crate::container::{self, Records};
+use crate::container::Records;
+use crate::util::fs::{create_private_dir, replace_json};
+use crate::util::lock::{lock_existing, Existing};
+use crate::util::time::now_ms;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -97,10 +100,6 @@ fn root_of(globals: &[String]) -> Option<String> {
     crate::argv::parse(globals).global("root").map(str::to_owned)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// ARCH's freeze of one container: thawed by [`Freeze::thaw`] or on drop.
 pub struct Freeze<'a> {
     runc: &'a Path,
@@ -136,11 +135,7 @@ impl<'a> Freeze<'a> {
                 runc_globals: thaw_globals(target.globals),
                 since_unix_ms: now_ms(),
             };
-            match path
-                .parent()
-                .map_or(Ok(()), container::create_private_dir)
-                .and_then(|()| container::replace_json(path, &written))
-            {
+            match path.parent().map_or(Ok(()), create_private_dir).and_then(|()| replace_json(path, &written)) {
                 Ok(()) => freeze.marker = marker.clone(),
                 Err(e) => tracing::error!(id = target.id, marker = %path.display(), error = %e,
                     "no freeze marker: if arch-runc dies frozen, nothing will thaw the container"),
@@ -254,23 +249,9 @@ fn remove_marker(path: &Path) {
 }
 
 /// Takes the record's lock (`how`: `LOCK_EX`, maybe `| LOCK_NB`) without
-/// creating its file: no file means nobody holds it. `Ok(None)` if someone
-/// holds it and `LOCK_NB` was asked.
-fn lock_existing(record: &Path, how: libc::c_int) -> std::io::Result<Option<Option<std::fs::File>>> {
-    use std::os::unix::io::AsRawFd;
-    let file = match std::fs::OpenOptions::new().write(true).open(record.with_extension("lock")) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: flock on a valid, open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
-        return Ok(Some(Some(file)));
-    }
-    match std::io::Error::last_os_error() {
-        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        e => Err(e),
-    }
+/// creating its file: no file means nobody holds it.
+fn lock_record(record: &Path, how: libc::c_int) -> std::io::Result<Existing> {
+    lock_existing(&record.with_extension("lock"), how)
 }
 
 /// The check for a call that does not take the record's lock (pass-through
@@ -278,11 +259,11 @@ fn lock_existing(record: &Path, how: libc::c_int) -> std::io::Result<Option<Opti
 /// checkpoint in progress, so that ARCH's thaw cannot undo it.
 pub fn recover_unlocked(config: &Config, runc: &Path, record: &Path, subcommand: &str) {
     let how = if subcommand == "pause" { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
-    match lock_existing(record, how) {
-        Ok(Some(_lock)) => {
+    match lock_record(record, how) {
+        Ok(_lock @ (Existing::Held(_) | Existing::Absent)) => {
             recover(config, runc, record, "arch-runc");
         }
-        Ok(None) => {}
+        Ok(Existing::Busy) => {}
         Err(e) => tracing::warn!(record = %record.display(), error = %e, "could not lock to check a freeze marker"),
     }
 }
@@ -304,8 +285,9 @@ pub fn thaw_orphans(config: &Config) -> usize {
     let mut thawed = 0;
     for marker in markers {
         let record = marker.with_extension("json");
-        // Held: its checkpoint is still running, or another call is on it.
-        if let Ok(Some(_lock)) = lock_existing(&record, libc::LOCK_EX | libc::LOCK_NB) {
+        // Busy: its checkpoint is still running, or another call is on it.
+        let lock = lock_record(&record, libc::LOCK_EX | libc::LOCK_NB);
+        if let Ok(_lock @ (Existing::Held(_) | Existing::Absent)) = lock {
             thawed += usize::from(recover(config, &runc, &record, "watch") == Recovery::Thawed);
         }
     }
@@ -370,7 +352,7 @@ mod tests {
         std::fs::create_dir_all(record.parent().unwrap()).unwrap();
         let marker =
             Marker { owner, id: id.into(), runc_globals: vec!["--root=/run/x".into()], since_unix_ms: now_ms() };
-        container::replace_json(&marker_path(&record), &marker).unwrap();
+        replace_json(&marker_path(&record), &marker).unwrap();
         record
     }
 
@@ -413,7 +395,7 @@ mod tests {
         let dead = Owner { pid: child.id(), start_ticks: 1 };
         child.wait().unwrap();
         let record = plant(&config, "held", dead);
-        let lock = container::lock_file(&record.with_extension("lock"), libc::LOCK_EX).unwrap();
+        let lock = crate::util::lock::lock_file(&record.with_extension("lock"), libc::LOCK_EX).unwrap();
         assert_eq!(thaw_orphans(&config), 0);
         drop(lock);
         assert_eq!(thaw_orphans(&config), 1);

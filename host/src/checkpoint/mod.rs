@@ -14,13 +14,14 @@ pub mod store;
 pub mod untrusted;
 
 use crate::config::{Config, Mode};
+use crate::util::time::{ms_since as ms, now_ms};
 use key::Location;
 use manifest::{FileEntry, FleetKey, Manifest};
 use metadata::{CriuOptions, Metadata};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use store::{Generation, Store};
 
 /// The container a checkpoint or restore is for, and where its key lives.
@@ -71,14 +72,6 @@ const MAX_DUMP_LOG_BYTES: u64 = 64 << 20;
 const IMAGES_ARCHIVE: &str = "images.tar.zst";
 /// Basic mode: CRIU's images as files.
 const IMAGES_DIR: &str = "images";
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn ms(since: Instant) -> u64 {
-    since.elapsed().as_millis() as u64
-}
 
 fn with_globals(globals: &[String], rest: &[&str]) -> Vec<String> {
     globals.iter().cloned().chain(rest.iter().map(|s| s.to_string())).collect()
@@ -137,7 +130,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let images = local.join("images");
     let work = local.join("work");
     for dir in [&images, &work] {
-        crate::container::create_private_dir(dir).map_err(|e| TakeError::NotRun(format!("{}: {e}", dir.display())))?;
+        crate::util::fs::create_private_dir(dir).map_err(|e| TakeError::NotRun(format!("{}: {e}", dir.display())))?;
     }
     let _staging = StagingGuard(if req.target.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
 
@@ -177,10 +170,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         namespace: req.namespace.into(),
         container_id: req.target.id.into(),
         created_unix_ms: now_ms(),
-        mode: match req.target.location.mode {
-            Mode::Basic => "basic".into(),
-            Mode::NetworkFs => "network-fs".into(),
-        },
+        mode: req.target.location.mode.as_str().into(),
         leave_running: req.leave_running,
         options,
         trigger: Some(req.trigger.kind.name().into()),
@@ -247,7 +237,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
         tracing::warn!(error = %e, "criu cpuinfo dump");
     }
-    meta.images_bytes = dir_bytes(&images);
+    meta.images_bytes = crate::util::fs::dir_bytes(&images);
     if let Some(export) = req.export_images_to {
         export_images(&images, export).map_err(|e| incomplete("handing the images to the caller", &e))?;
     }
@@ -350,7 +340,7 @@ fn record_phases(config: &Config, operation: &str, phases_ms: &std::collections:
 fn freeze_staging(config: &Config, bytes: u64, name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let dir = &config.freeze_staging_dir;
-    crate::container::create_private_dir(dir).ok()?;
+    crate::util::fs::create_private_dir(dir).ok()?;
     let meta = std::fs::symlink_metadata(dir).ok()?;
     // SAFETY: geteuid has no preconditions.
     let ours = meta.is_dir() && meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 == 0;
@@ -520,14 +510,6 @@ fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(),
     Ok(())
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
-        })
-        .unwrap_or(0)
-}
-
 /// Gives containerd its copy of the images: hardlinks where the filesystem
 /// allows (no second write of the memory image), copies otherwise.
 fn export_images(images: &Path, to: &Path) -> std::io::Result<()> {
@@ -560,7 +542,7 @@ const MAX_IMAGE_FILES: u64 = 100_000;
 /// used unless all of it matched.
 fn unpack(archive: std::fs::File, entry: &FileEntry, dir: &Path, bytes: u64) -> anyhow::Result<()> {
     use anyhow::Context;
-    crate::container::create_private_dir(dir)?;
+    crate::util::fs::create_private_dir(dir)?;
     untrusted::ensure_room(dir, bytes)?;
     let (mut zstd, feeder) = rootfs::zstd_from_verified(archive, entry)?;
     let stream =
@@ -679,7 +661,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
     let work = staging.join("work");
-    crate::container::create_private_dir(&work).map_err(|e| e.to_string())?;
+    crate::util::fs::create_private_dir(&work).map_err(|e| e.to_string())?;
     // The images (unpacked or checked) and the layer (replayed) are independent:
     // one on each core. A failure of either after the layer went in rolls it back.
     let rootfs = req.target.bundle.join("rootfs");

@@ -157,7 +157,7 @@ impl Checkpointer {
             }
         }
         drop(busy);
-        let ended_unix_ms = crate::checkpoint::catalog::now_ms();
+        let ended_unix_ms = crate::util::time::now_ms();
         let (id, key, kind) = (&c.record.id, &c.key, trigger.kind.name());
         match &outcome {
             Outcome::Published(generation) => tracing::info!(target: "arch::watch", id, key, trigger = kind,
