@@ -17,7 +17,7 @@
 use crate::argv::{self, Invocation};
 use crate::checkpoint::freeze;
 use crate::config::Config;
-use crate::container::{self, BundleFacts, Record, Records};
+use crate::container::{self, Record, Records, RegisterError};
 use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
 use crate::runc;
@@ -145,12 +145,7 @@ impl Call {
             };
         }
         let bundle = absolute(Path::new(inv.flag("bundle").unwrap_or(".")));
-        let namespace = inv
-            .global("root")
-            .and_then(container::namespace_from_root)
-            .or_else(|| container::namespace_from_bundle(&bundle))
-            .unwrap_or("default")
-            .to_owned();
+        let namespace = container::namespace_of(inv.global("root"), &bundle);
         self.report.namespace = namespace.clone();
         if record_path.exists() {
             // runc still has a container of this id in this root: it will
@@ -170,34 +165,24 @@ impl Call {
                 tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
             }
         }
-        let facts = match BundleFacts::load(&bundle) {
-            Ok(facts) => facts,
-            Err(e) => {
-                tracing::warn!(id, error = %e, "config.json unreadable; passing through");
-                return Route::PassThrough("config.json unreadable");
-            }
-        };
-        if !container::arch_enabled(&facts.env) {
-            return Route::PassThrough("not ARCH-enabled");
-        }
-        self.report.arch_enabled = true;
         let runc_root = inv.global("root").map(str::to_owned);
-        let record = Record {
-            namespace,
-            id,
-            bundle,
-            facts,
-            notes: Default::default(),
-            runc_root,
-            exit: None,
-            stop_signalled_unix_ms: None,
-        };
-        if let Err(e) = Records::store(&record_path, &record) {
-            tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
-            self.count("arch_failures_total");
-            return Route::PassThrough("could not write ARCH record");
+        match Records::register(&record_path, namespace, id, bundle, runc_root) {
+            Ok(_) => {
+                self.report.arch_enabled = true;
+                Route::Handle(record_path)
+            }
+            Err(RegisterError::Bundle(e)) => {
+                tracing::warn!(id = %self.report.id, error = %e, "config.json unreadable; passing through");
+                Route::PassThrough("config.json unreadable")
+            }
+            Err(RegisterError::NotEnabled) => Route::PassThrough("not ARCH-enabled"),
+            Err(RegisterError::Store(e)) => {
+                self.report.arch_enabled = true;
+                tracing::error!(id = %self.report.id, error = %e, "could not write ARCH record; passing through");
+                self.count("arch_failures_total");
+                Route::PassThrough("could not write ARCH record")
+            }
         }
-        Route::Handle(record_path)
     }
 
     /// The signal of a `kill` call (`None`: runc's default, SIGTERM).
@@ -217,8 +202,8 @@ impl Call {
         let deadline = (sub == "kill").then(|| self.stop_deadline());
         // One call at a time per container: held until exit, or until exec closes it.
         let locked = match deadline {
-            None => lock::lock_file(&record_path.with_extension("lock"), libc::LOCK_EX).map(Some),
-            Some(deadline) => lock::lock_until(&record_path.with_extension("lock"), deadline),
+            None => lock::lock_file(&Records::lock_path(&record_path), libc::LOCK_EX).map(Some),
+            Some(deadline) => lock::lock_until(&Records::lock_path(&record_path), deadline),
         };
         let _lock = match locked {
             Ok(Some(lock)) => lock,

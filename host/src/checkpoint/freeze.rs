@@ -251,7 +251,7 @@ fn remove_marker(path: &Path) {
 /// Takes the record's lock (`how`: `LOCK_EX`, maybe `| LOCK_NB`) without
 /// creating its file: no file means nobody holds it.
 fn lock_record(record: &Path, how: libc::c_int) -> std::io::Result<Existing> {
-    lock_existing(&record.with_extension("lock"), how)
+    lock_existing(&Records::lock_path(record), how)
 }
 
 /// The check for a call that does not take the record's lock (pass-through
@@ -395,7 +395,7 @@ mod tests {
         let dead = Owner { pid: child.id(), start_ticks: 1 };
         child.wait().unwrap();
         let record = plant(&config, "held", dead);
-        let lock = crate::util::lock::lock_file(&record.with_extension("lock"), libc::LOCK_EX).unwrap();
+        let lock = crate::util::lock::lock_file(&Records::lock_path(&record), libc::LOCK_EX).unwrap();
         assert_eq!(thaw_orphans(&config), 0);
         drop(lock);
         assert_eq!(thaw_orphans(&config), 1);
