@@ -82,7 +82,7 @@ impl Harness {
                 state_dir: self.dir.path().to_path_buf(),
                 ..Default::default()
             },
-            runc: PathBuf::from("/bin/false"),
+            runc: arch::runc::Runc::at("/bin/false"),
             metrics: Some(arch::metrics::Metrics::at(self.dir.path())),
             ran_original: None,
             trigger: arch::triggers::Trigger::now(arch::triggers::Kind::Runc),

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::container::{self, Record, Records, RegisterError};
 use crate::metrics::Metrics;
 use crate::modules::{self, Origin};
-use crate::runc;
+use crate::runc::{self, Runc};
 use crate::triggers::{self, Kind, Trigger};
 use crate::util::{lock, time};
 use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
@@ -82,8 +82,8 @@ enum Route {
 
 impl Call {
     fn run(mut self) -> i32 {
-        let runc = match runc::find(self.config.runc.as_deref()) {
-            Ok(runc) => runc,
+        let runc = match Runc::find(self.config.runc.as_deref()) {
+            Ok(runc) => runc.with_globals(self.inv.global_argv()),
             Err(e) => return self.fail(&e.to_string(), "no runc"),
         };
         let route = self.route(&runc);
@@ -104,7 +104,7 @@ impl Call {
     }
 
     /// Decides, as cheaply as possible, whether ARCH handles this call.
-    fn route(&mut self, runc: &Path) -> Route {
+    fn route(&mut self, runc: &Runc) -> Route {
         if !self.report.reason.is_empty() {
             // Already decided: a refused config or a non-UTF-8 argv.
             return Route::PassThrough(self.report.reason);
@@ -153,7 +153,7 @@ impl Call {
             // runc keeps each container's state in `<root>/<id>/`: without it, runc
             // does not know the id, and asking it (a Go start, ~5 ms) can be skipped.
             let known = container::clean_root(inv.global("root")).join(&id).exists();
-            if let Some(status) = known.then(|| runc::status(runc, inv.global("root"), &id)).flatten() {
+            if let Some(status) = known.then(|| runc.status(&id)).flatten() {
                 tracing::info!(id, status, "create of an existing container: runc decides, its ARCH record stays");
                 return Route::PassThrough("container exists");
             }
@@ -197,7 +197,7 @@ impl Call {
     }
 
     /// Runs the subcommand's module and carries out its decision.
-    fn handle(&mut self, runc: &Path, record_path: PathBuf) -> i32 {
+    fn handle(&mut self, runc: &Runc, record_path: PathBuf) -> i32 {
         let sub = self.inv.subcommand.unwrap_or_default();
         let deadline = (sub == "kill").then(|| self.stop_deadline());
         // One call at a time per container: held until exit, or until exec closes it.
@@ -258,9 +258,9 @@ impl Call {
             facts: record.facts,
             record_path,
             allowed_roots: self.config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect(),
-            runner: Box::new(ChildRunc(runc.to_path_buf())),
+            runner: Box::new(ChildRunc(runc.clone())),
             config: self.config.clone(),
-            runc: runc.to_path_buf(),
+            runc: runc.clone(),
             metrics: Some(Metrics::new(&self.config)),
             ran_original: None,
             trigger,
@@ -316,7 +316,7 @@ impl Call {
 
     /// A pass-through call on a container that a dead arch-runc left frozen
     /// thaws it first; otherwise this costs one failed `stat`.
-    fn thaw_if_left_frozen(&self, runc: &Path, sub: &str) {
+    fn thaw_if_left_frozen(&self, runc: &Runc, sub: &str) {
         let Some(id) = self.inv.container_id.as_deref() else { return };
         let Some(record) = Records::new(&self.config.state_dir).path(self.inv.global("root"), id) else { return };
         if freeze::marker_path(&record).symlink_metadata().is_ok() {
@@ -349,7 +349,7 @@ impl Call {
 
     /// Behaves as plain runc would: if the handler already ran runc with the
     /// original arguments, its status is the answer; otherwise exec runc.
-    fn fail_open(&mut self, runc: &Path, ran_original: Option<i32>, reason: &'static str) -> i32 {
+    fn fail_open(&mut self, runc: &Runc, ran_original: Option<i32>, reason: &'static str) -> i32 {
         self.report.reason = reason;
         match ran_original {
             Some(status) => self.finish(status, "fail-open: runc already ran"),
@@ -358,7 +358,7 @@ impl Call {
     }
 
     /// Execs runc with the original argv (`None`) or with `argv`.
-    fn exec(&mut self, runc: &Path, argv: Option<Vec<String>>) -> i32 {
+    fn exec(&mut self, runc: &Runc, argv: Option<Vec<String>>) -> i32 {
         let args: Vec<OsString> = match &argv {
             Some(argv) => argv.iter().map(OsString::from).collect(),
             None => self.args.clone(),
@@ -367,7 +367,7 @@ impl Call {
             self.report.decision = "pass-through".into();
         }
         self.log_invocation(Some(&args), "exec");
-        let e = runc::exec(runc, &args);
+        let e = runc.exec(&args);
         tracing::error!(error = %e, "exec of the real runc failed");
         self.fail(&e.to_string(), "exec failed")
     }

@@ -272,9 +272,8 @@ async fn reconcile(config: &Config, channel: Channel) {
 
 /// Whether `runc state` reports the container as created, running or paused.
 fn runc_says_alive(config: &Config, root: Option<&str>, id: &str) -> bool {
-    let Ok(runc) = crate::runc::find(config.runc.as_deref()) else { return false };
-    crate::runc::status(&runc, root, id)
-        .is_some_and(|s| matches!(s.as_str(), "created" | "running" | "paused" | "pausing"))
+    let Ok(runc) = crate::runc::Runc::find(config.runc.as_deref()) else { return false };
+    runc.with_root(root).status(id).is_some_and(|s| matches!(s.as_str(), "created" | "running" | "paused" | "pausing"))
 }
 
 /// A minimal HTTP/1.1 server: `GET /metrics` answers Prometheus text, anything else 404.

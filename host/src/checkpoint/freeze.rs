@@ -15,12 +15,12 @@
 use super::Target;
 use crate::config::Config;
 use crate::container::Records;
+use crate::runc::Runc;
 use crate::util::fs::{create_private_dir, replace_json};
 use crate::util::lock::{lock_existing, Existing};
 use crate::util::time::now_ms;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The marker beside a record (`<id>.json` → `<id>.frozen`).
@@ -77,12 +77,6 @@ impl Owner {
     }
 }
 
-/// Runs runc with its stdio captured (ARCH's own pause and resume, whose
-/// messages are not the caller's business); true if it succeeded.
-fn runc_quiet(runc: &Path, globals: &[String], sub: &str, id: &str) -> bool {
-    Command::new(runc).args(globals).args([sub, id]).stdin(Stdio::null()).output().is_ok_and(|o| o.status.success())
-}
-
 /// The caller's global flags that matter to runc for a resume.
 fn thaw_globals(globals: &[String]) -> Vec<String> {
     crate::argv::parse(globals)
@@ -96,14 +90,9 @@ fn thaw_globals(globals: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn root_of(globals: &[String]) -> Option<String> {
-    crate::argv::parse(globals).global("root").map(str::to_owned)
-}
-
 /// ARCH's freeze of one container: thawed by [`Freeze::thaw`] or on drop.
 pub struct Freeze<'a> {
-    runc: &'a Path,
-    globals: &'a [String],
+    runc: &'a Runc,
     id: &'a str,
     marker: Option<PathBuf>,
     frozen: bool,
@@ -113,13 +102,11 @@ impl<'a> Freeze<'a> {
     /// Freezes the target for the frozen part of a checkpoint, if `wanted`
     /// (`--leave-running`) and it is not paused already.
     pub fn begin(target: &Target<'a>, wanted: bool) -> Freeze<'a> {
-        let mut freeze =
-            Freeze { runc: target.runc, globals: target.globals, id: target.id, marker: None, frozen: false };
+        let mut freeze = Freeze { runc: target.runc, id: target.id, marker: None, frozen: false };
         if !wanted {
             return freeze;
         }
-        let root = root_of(target.globals);
-        match crate::runc::status(target.runc, root.as_deref(), target.id).as_deref() {
+        match target.runc.status(target.id).as_deref() {
             Some("paused" | "pausing") => {
                 tracing::info!(id = target.id, "already paused: it stays paused through the checkpoint");
                 return freeze;
@@ -127,12 +114,13 @@ impl<'a> Freeze<'a> {
             Some(_) => {}
             None => tracing::warn!(id = target.id, "runc state failed; pausing anyway"),
         }
+        let root = target.runc.root();
         let marker = Records::new(&target.config.state_dir).path(root.as_deref(), target.id).map(|r| marker_path(&r));
         if let (Some(path), Some(owner)) = (&marker, Owner::current()) {
             let written = Marker {
                 owner,
                 id: target.id.to_owned(),
-                runc_globals: thaw_globals(target.globals),
+                runc_globals: thaw_globals(target.runc.globals()),
                 since_unix_ms: now_ms(),
             };
             match path.parent().map_or(Ok(()), create_private_dir).and_then(|()| replace_json(path, &written)) {
@@ -141,7 +129,7 @@ impl<'a> Freeze<'a> {
                     "no freeze marker: if arch-runc dies frozen, nothing will thaw the container"),
             }
         }
-        freeze.frozen = runc_quiet(target.runc, target.globals, "pause", target.id);
+        freeze.frozen = target.runc.pause(target.id);
         if !freeze.frozen {
             tracing::warn!(id = target.id, "runc pause failed: the layer is copied from a running container");
             freeze.drop_marker();
@@ -155,7 +143,7 @@ impl<'a> Freeze<'a> {
             return;
         }
         self.frozen = false;
-        if runc_quiet(self.runc, self.globals, "resume", self.id) {
+        if self.runc.resume(self.id) {
             self.drop_marker();
         } else {
             // The marker stays: once this process is gone, the next call or
@@ -197,7 +185,7 @@ pub enum Recovery {
 /// frozen. The caller holds the record's lock (a live checkpoint holds it for
 /// as long as its marker exists). `by` says who thawed, for the log and
 /// `arch_thaws_total`.
-pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recovery {
+pub fn recover(config: &Config, runc: &Runc, record: &Path, by: &str) -> Recovery {
     let path = marker_path(record);
     let marker: Marker = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -217,11 +205,12 @@ pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recover
         let _ = std::fs::remove_file(&path);
         return Recovery::Stale;
     }
-    let root = root_of(&marker.runc_globals);
-    let status = crate::runc::status(runc, root.as_deref(), &marker.id);
+    // The resume goes with the dead owner's flags (its root), not this caller's.
+    let runc = runc.with_globals(&marker.runc_globals);
+    let status = runc.status(&marker.id);
     let recovery = match status.as_deref() {
         Some("paused" | "pausing") => {
-            if !runc_quiet(runc, &marker.runc_globals, "resume", &marker.id) {
+            if !runc.resume(&marker.id) {
                 tracing::error!(id = %marker.id, pid = marker.owner.pid, by,
                     "a container left frozen by a dead arch-runc could not be thawed");
                 return Recovery::Failed;
@@ -257,7 +246,7 @@ fn lock_record(record: &Path, how: libc::c_int) -> std::io::Result<Existing> {
 /// The check for a call that does not take the record's lock (pass-through
 /// subcommands): thaws if nobody holds the lock. A `pause` waits for a
 /// checkpoint in progress, so that ARCH's thaw cannot undo it.
-pub fn recover_unlocked(config: &Config, runc: &Path, record: &Path, subcommand: &str) {
+pub fn recover_unlocked(config: &Config, runc: &Runc, record: &Path, subcommand: &str) {
     let how = if subcommand == "pause" { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
     match lock_record(record, how) {
         Ok(_lock @ (Existing::Held(_) | Existing::Absent)) => {
@@ -281,7 +270,7 @@ pub fn thaw_orphans(config: &Config) -> usize {
     if markers.is_empty() {
         return 0;
     }
-    let Ok(runc) = crate::runc::find(config.runc.as_deref()) else { return 0 };
+    let Ok(runc) = Runc::find(config.runc.as_deref()) else { return 0 };
     let mut thawed = 0;
     for marker in markers {
         let record = marker.with_extension("json");
@@ -297,6 +286,7 @@ pub fn thaw_orphans(config: &Config) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn owners_are_told_apart_by_start_time() {
@@ -327,12 +317,12 @@ mod tests {
                 .map(String::from)
                 .to_vec();
         assert_eq!(thaw_globals(&globals), ["--root=/run/x", "--systemd-cgroup"]);
-        assert_eq!(root_of(&thaw_globals(&globals)).as_deref(), Some("/run/x"));
+        assert_eq!(Runc::at("/x").with_globals(&thaw_globals(&globals)).root().as_deref(), Some("/run/x"));
     }
 
     /// A fake runc: `state` prints `$STATUS` (none: unknown container),
     /// `resume` appends to `resumed`.
-    fn fake_runc(dir: &Path, status: Option<&str>) -> PathBuf {
+    fn fake_runc(dir: &Path, status: Option<&str>) -> Runc {
         let path = dir.join(format!("runc-{}", status.unwrap_or("gone")));
         let state = match status {
             Some(s) => format!("echo '{{\"status\":\"{s}\"}}'"),
@@ -344,7 +334,7 @@ mod tests {
         );
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        path
+        Runc::at(path)
     }
 
     fn plant(config: &Config, id: &str, owner: Owner) -> PathBuf {
@@ -390,7 +380,8 @@ mod tests {
     fn watch_skips_a_marker_whose_lock_is_held() {
         let d = tempfile::tempdir().unwrap();
         let runc = fake_runc(d.path(), Some("paused"));
-        let config = Config { state_dir: d.path().join("state"), runc: Some(runc), ..Default::default() };
+        let config =
+            Config { state_dir: d.path().join("state"), runc: Some(runc.path().to_path_buf()), ..Default::default() };
         let mut child = Command::new("true").spawn().unwrap();
         let dead = Owner { pid: child.id(), start_ticks: 1 };
         child.wait().unwrap();

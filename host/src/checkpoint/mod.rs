@@ -14,6 +14,7 @@ pub mod store;
 pub mod untrusted;
 
 use crate::config::{Config, Mode};
+use crate::runc::Runc;
 use crate::util::time::{ms_since as ms, now_ms};
 use key::Location;
 use manifest::{FileEntry, FleetKey, Manifest};
@@ -28,9 +29,8 @@ use store::{Generation, Store};
 pub struct Target<'a> {
     pub config: &'a Config,
     pub location: &'a Location,
-    pub runc: &'a Path,
-    /// The caller's global flags (`--root`, `--log`, ...).
-    pub globals: &'a [String],
+    /// The real runc with the caller's global flags (`--root`, `--log`, ...).
+    pub runc: &'a Runc,
     pub id: &'a str,
     pub bundle: &'a Path,
 }
@@ -72,10 +72,6 @@ const MAX_DUMP_LOG_BYTES: u64 = 64 << 20;
 const IMAGES_ARCHIVE: &str = "images.tar.zst";
 /// Basic mode: CRIU's images as files.
 const IMAGES_DIR: &str = "images";
-
-fn with_globals(globals: &[String], rest: &[&str]) -> Vec<String> {
-    globals.iter().cloned().chain(rest.iter().map(|s| s.to_string())).collect()
-}
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
@@ -142,10 +138,8 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     }
     let frozen_at = Instant::now();
     let mut frozen = freeze::Freeze::begin(&req.target, req.leave_running);
-    let mut argv = with_globals(
-        req.target.globals,
-        &["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)],
-    );
+    let mut argv =
+        req.target.runc.argv(&["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)]);
     if req.leave_running {
         argv.push("--leave-running".into());
     }
@@ -153,8 +147,11 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     argv.push(req.target.id.into());
     let started = Instant::now();
     let status = match req.deadline {
-        None => crate::runc::run(req.target.runc, &argv).map_err(|e| TakeError::NotRun(e.to_string()))?,
-        Some(deadline) => crate::runc::run_until(req.target.runc, &argv, deadline)
+        None => req.target.runc.run(&argv).map_err(|e| TakeError::NotRun(e.to_string()))?,
+        Some(deadline) => req
+            .target
+            .runc
+            .run_until(&argv, deadline)
             .map_err(|e| TakeError::NotRun(e.to_string()))?
             .ok_or_else(|| abandoned("the dump"))?,
     };
@@ -261,7 +258,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     }
     let (kernel, host, cpu) = metadata::host_facts();
     (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
-    meta.runc_version = metadata::tool_version(path_str(req.target.runc));
+    meta.runc_version = req.target.runc.version();
     meta.criu_version = metadata::tool_version("criu");
     let started = Instant::now();
     let meta_bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
@@ -693,25 +690,22 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         tracing::info!(id = req.target.id, ms = layer_ms, "rootfs diff applied");
         phases.insert("rootfs".to_owned(), layer_ms);
     }
-    let mut argv = with_globals(
-        req.target.globals,
-        &[
-            "restore",
-            "--detach",
-            "--image-path",
-            path_str(&images),
-            "--work-path",
-            path_str(&work),
-            "--bundle",
-            path_str(req.target.bundle),
-        ],
-    );
+    let mut argv = req.target.runc.argv(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        path_str(&images),
+        "--work-path",
+        path_str(&work),
+        "--bundle",
+        path_str(req.target.bundle),
+    ]);
     argv.extend(req.create_flags.iter().cloned());
     // Only ARCH's own allow-list becomes flags: nothing read from the generation does.
     argv.extend(meta.options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
-    let status = crate::runc::run(req.target.runc, &argv).map_err(|e| e.to_string())?;
+    let status = req.target.runc.run(&argv).map_err(|e| e.to_string())?;
     tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
     if status == 0 {
         if let Some(rollback) = rollback {

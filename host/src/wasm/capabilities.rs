@@ -24,11 +24,11 @@ pub trait RuncRunner: Send {
 }
 
 /// The real runc as a child process.
-pub struct ChildRunc(pub PathBuf);
+pub struct ChildRunc(pub crate::runc::Runc);
 
 impl RuncRunner for ChildRunc {
     fn run(&mut self, argv: &[String]) -> Result<i32, String> {
-        crate::runc::run(&self.0, argv).map_err(|e| e.to_string())
+        self.0.run(argv).map_err(|e| e.to_string())
     }
 }
 
@@ -45,8 +45,9 @@ pub struct CallContext {
     pub runner: Box<dyn RuncRunner>,
     pub metrics: Option<crate::metrics::Metrics>,
     pub config: Config,
-    /// The real runc, for the host's own checkpoint and restore runs.
-    pub runc: PathBuf,
+    /// The real runc with the caller's global flags, for the host's own
+    /// checkpoint and restore runs.
+    pub runc: crate::runc::Runc,
     /// Exit status of the last run of runc with the original subcommand argv,
     /// so that failing open after it does not run the same command twice.
     pub ran_original: Option<i32>,
@@ -101,14 +102,7 @@ impl CallContext {
     }
 
     fn target<'a>(&'a self, location: &'a checkpoint::key::Location) -> checkpoint::Target<'a> {
-        checkpoint::Target {
-            config: &self.config,
-            location,
-            runc: &self.runc,
-            globals: self.invocation.global_argv(),
-            id: &self.id,
-            bundle: &self.bundle,
-        }
+        checkpoint::Target { config: &self.config, location, runc: &self.runc, id: &self.id, bundle: &self.bundle }
     }
 
     /// Another container that runc still runs and whose checkpoints are
@@ -126,7 +120,7 @@ impl CallContext {
             if other.exit.is_some() || theirs.map(|l| l.dir) != Ok(location.dir.clone()) {
                 continue;
             }
-            let status = crate::runc::status(&self.runc, other.runc_root.as_deref(), &other.id);
+            let status = self.runc.with_root(other.runc_root.as_deref()).status(&other.id);
             if let Some(status) = status.filter(|s| s != "stopped") {
                 let root = other.runc_root.as_deref().unwrap_or(crate::container::RUNC_DEFAULT_ROOT);
                 return Some(format!("container {} (runc root {root}) is {status}", other.id));
