@@ -51,7 +51,7 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
             mode: location.mode.as_str(),
             generation: gen.name,
             valid: outcome.is_ok(),
-            problem: outcome.err(),
+            problem: outcome.err().map(|e| e.to_string()),
         });
         bar.inc(1);
     }

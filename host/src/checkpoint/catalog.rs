@@ -118,7 +118,7 @@ pub struct Summary {
 fn info(gen: &Generation, quarantine_reason: Option<String>, config: &Config) -> GenerationInfo {
     let meta = Store::metadata(gen);
     let problem = match &meta {
-        Ok(_) if quarantine_reason.is_none() => super::verify(gen, config).err(),
+        Ok(_) if quarantine_reason.is_none() => super::verify(gen, config).err().map(|e| e.to_string()),
         Ok(_) => None,
         Err(e) => Some(e.clone()),
     };
@@ -172,21 +172,22 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
 /// Deep validation of one generation: the manifest (and its fleet-key tag),
 /// every file against its digest, then every archive read through (zstd
 /// checks its frame checksums).
-pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), String> {
+pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), super::Error> {
     super::verify_all(gen, config)?;
     for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
         let file = match gen.pinned().open(archive) {
             Ok((file, _)) => file,
             Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         let out = std::process::Command::new("zstd")
             .args(["-t", "-q"])
             .stdin(file)
             .output()
-            .map_err(|e| format!("zstd -t {archive}: {e}"))?;
+            .map_err(|source| super::Error::Zstd { archive, source })?;
         if !out.status.success() {
-            return Err(format!("{archive}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(super::Error::Archive { archive, stderr });
         }
     }
     Ok(())

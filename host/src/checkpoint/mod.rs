@@ -19,7 +19,7 @@ use crate::util::time::{ms_since as ms, now_ms};
 use key::Location;
 use manifest::{FileEntry, FleetKey, Manifest};
 use metadata::{CriuOptions, Metadata};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -51,17 +51,92 @@ pub struct TakeRequest<'a> {
     pub deadline: Option<Instant>,
 }
 
+/// What went wrong in the mechanism. It becomes text only where it leaves
+/// the host: the WIT boundary (`wasm/capabilities.rs`), archctl, the log.
 #[derive(Debug, thiserror::Error)]
-pub enum TakeError {
-    /// Nothing was done; runc was not run.
-    #[error("{0}")]
-    NotRun(String),
-    /// runc checkpoint itself failed with this status (it said why).
+pub enum Error {
+    // Before runc ran (a take) or before a generation was tried (a restore).
+    /// The key's lock could not be taken.
+    #[error("locking {}: {source}", dir.display())]
+    Lock { dir: PathBuf, source: io::Error },
+    /// A fleet key is configured but unusable: nothing is taken or restored.
+    #[error("fleet key {}: {source}", path.display())]
+    FleetKey { path: PathBuf, source: manifest::KeyError },
+    /// A stop's deadline had passed before runc was asked anything.
+    #[error("the stop deadline had passed before the dump")]
+    TooLate,
+    /// runc could not be run at all.
+    #[error(transparent)]
+    Spawn(#[from] crate::runc::RuncError),
+
+    /// `runc checkpoint` failed with this status (it said why).
     #[error("runc checkpoint exited with status {0}")]
     Runc(i32),
-    /// runc succeeded, ARCH's part did not: no generation was published.
+
+    // After a dump that succeeded: nothing was published.
+    /// A stop's deadline passed during this part of the take.
+    #[error("abandoned: the stop deadline passed during {0}")]
+    Abandoned(&'static str),
+    /// A step of ARCH's own after the dump failed.
+    #[error("{what}: {source}")]
+    Incomplete { what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+
+    // Reading a generation.
+    #[error("no generation {0}")]
+    NoGeneration(String),
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Untrusted(#[from] untrusted::Error),
+    #[error("no valid fleet-key tag: {0}")]
+    NoTag(#[source] untrusted::Error),
+    #[error("manifest.tag does not verify with this host's fleet key")]
+    BadTag,
+    /// The metadata, or what it says of the files, is not right.
     #[error("{0}")]
-    Incomplete(String),
+    Invalid(String),
+    #[error("images: {listed} files listed, {present} present")]
+    ImagesListed { listed: usize, present: usize },
+    /// `archctl validate`: an archive zstd could not test, or found broken.
+    #[error("zstd -t {archive}: {source}")]
+    Zstd { archive: &'static str, source: io::Error },
+    #[error("{archive}: {stderr}")]
+    Archive { archive: &'static str, stderr: String },
+
+    // Compatibility with this machine.
+    #[error("checkpoint taken with CRIU {taken}, this machine has {local}")]
+    CriuVersion { taken: String, local: String },
+    #[error("cpuinfo: {0}")]
+    CpuinfoCopy(#[source] io::Error),
+    #[error("criu cpuinfo check: {0}")]
+    Cpuinfo(String),
+
+    // Restoring.
+    /// The images could not be unpacked (Network FS mode).
+    #[error("{0:#}")]
+    Unpack(anyhow::Error),
+    /// The layer could not be put back.
+    #[error("{0:#}")]
+    Layer(anyhow::Error),
+    #[error("preparing the images panicked")]
+    Panicked,
+
+    /// A file of ARCH's own, with what it was.
+    #[error("{what}: {source}")]
+    IoAt { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// An [`Error::Incomplete`]: `what` failed after the dump.
+    fn incomplete(what: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Incomplete { what, source: source.into() }
+    }
+
+    fn io_at(what: impl std::fmt::Display, source: io::Error) -> Error {
+        Error::IoAt { what: what.to_string(), source }
+    }
 }
 
 /// A CPU description is a few KiB.
@@ -84,13 +159,12 @@ pub struct Taken {
     pub metadata: Metadata,
 }
 
-pub fn take(req: &TakeRequest) -> Result<Taken, TakeError> {
+pub fn take(req: &TakeRequest) -> Result<Taken, Error> {
     let store = Store::new(req.target.location);
-    let _lock =
-        store.lock().map_err(|e| TakeError::NotRun(format!("locking {}: {e}", req.target.location.dir.display())))?;
+    let _lock = store.lock().map_err(|source| Error::Lock { dir: req.target.location.dir.clone(), source })?;
     scratch::clean(req.target.config);
     let name = format!("gen-{:013}-{}", now_ms(), std::process::id());
-    let pending = store.begin(&name).map_err(|e| TakeError::NotRun(format!("creating a generation: {e}")))?;
+    let pending = store.begin(&name).map_err(|e| Error::io_at("creating a generation", e))?;
     let result = take_into(req, &store, &pending);
     if result.is_err() {
         let _ = pending.remove();
@@ -111,11 +185,10 @@ fn options(config: &Config, asked: CriuOptions) -> CriuOptions {
     options
 }
 
-fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Taken, TakeError> {
+fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Taken, Error> {
     let name = pending.name.as_str();
-    let incomplete = |what: &str, e: &dyn std::fmt::Display| TakeError::Incomplete(format!("{what}: {e}"));
     let options = options(req.target.config, req.options);
-    let fleet_key = fleet_key(req.target.config).map_err(TakeError::NotRun)?;
+    let fleet_key = fleet_key(req.target.config)?;
     let mut files: Vec<FileEntry> = Vec::new();
     // CRIU writes many small files: on a network FS they go to local staging
     // first and reach the share as one archive.
@@ -126,7 +199,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let images = local.join("images");
     let work = local.join("work");
     for dir in [&images, &work] {
-        crate::util::fs::create_private_dir(dir).map_err(|e| TakeError::NotRun(format!("{}: {e}", dir.display())))?;
+        crate::util::fs::create_private_dir(dir).map_err(|e| Error::io_at(dir.display(), e))?;
     }
     let _staging = StagingGuard(if req.target.location.mode == Mode::NetworkFs { Some(local.clone()) } else { None });
 
@@ -134,7 +207,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     // container frozen from the dump until its layer is captured (a guard:
     // every return thaws it). One paused before stays paused (see `freeze`).
     if req.deadline.is_some_and(|d| Instant::now() >= d) {
-        return Err(TakeError::NotRun("the stop deadline had passed before the dump".into()));
+        return Err(Error::TooLate);
     }
     let frozen_at = Instant::now();
     let mut frozen = freeze::Freeze::begin(&req.target, req.leave_running);
@@ -147,18 +220,13 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     argv.push(req.target.id.into());
     let started = Instant::now();
     let status = match req.deadline {
-        None => req.target.runc.run(&argv).map_err(|e| TakeError::NotRun(e.to_string()))?,
-        Some(deadline) => req
-            .target
-            .runc
-            .run_until(&argv, deadline)
-            .map_err(|e| TakeError::NotRun(e.to_string()))?
-            .ok_or_else(|| abandoned("the dump"))?,
+        None => req.target.runc.run(&argv)?,
+        Some(deadline) => req.target.runc.run_until(&argv, deadline)?.ok_or(Error::Abandoned("the dump"))?,
     };
     let dump_ms = ms(started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
-        return Err(TakeError::Runc(status));
+        return Err(Error::Runc(status));
     }
     let mut meta = Metadata {
         format: metadata::FORMAT,
@@ -185,16 +253,17 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
             );
             None
         }
-        Err(e) => return Err(incomplete("finding the rootfs upperdir", &e)),
+        Err(e) => return Err(Error::incomplete("finding the rootfs upperdir", e)),
     };
     let started = Instant::now();
     let captured = match (&upper, req.leave_running) {
         (None, _) => None,
         (Some(upper), leave_running) => {
-            let survey = rootfs::survey(upper).map_err(|e| incomplete("reading the rootfs upperdir", &e))?;
+            let survey = rootfs::survey(upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
             let archive = if !leave_running {
                 // Stopped by CRIU: nothing changes the layer any more; stream it.
-                rootfs::capture(upper, &survey, pending.pinned()).map_err(|e| incomplete("capturing the rootfs", &e))?
+                rootfs::capture(upper, &survey, pending.pinned())
+                    .map_err(|e| Error::incomplete("capturing the rootfs", e))?
             } else {
                 // Still running: freeze only for an uncompressed copy (it must
                 // match the memory image), in memory when it fits; compress
@@ -207,11 +276,11 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
                 meta.phases_ms.insert("freeze".into(), ms(frozen_at));
                 let compressed = copied.and_then(|()| rootfs::compress(&staged, pending.pinned()));
                 let _ = std::fs::remove_file(&staged);
-                compressed.map_err(|e| incomplete("copying the rootfs", &e))?
+                compressed.map_err(|e| Error::incomplete("copying the rootfs", e))?
             };
             files.push(
                 rootfs::write_manifest(pending.pinned(), &survey.manifest)
-                    .map_err(|e| incomplete("the diff list", &e))?,
+                    .map_err(|e| Error::incomplete("the diff list", e))?,
             );
             let bytes = archive.size;
             files.push(archive);
@@ -230,13 +299,13 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     }
     meta.phases_ms.insert("rootfs".into(), ms(started));
 
-    files.push(copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| incomplete("dump.log", &e))?);
+    files.push(copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| Error::incomplete("dump.log", e))?);
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
         tracing::warn!(error = %e, "criu cpuinfo dump");
     }
     meta.images_bytes = crate::util::fs::dir_bytes(&images);
     if let Some(export) = req.export_images_to {
-        export_images(&images, export).map_err(|e| incomplete("handing the images to the caller", &e))?;
+        export_images(&images, export).map_err(|e| Error::incomplete("handing the images to the caller", e))?;
     }
     if req.target.location.mode == Mode::NetworkFs {
         let started = Instant::now();
@@ -245,15 +314,15 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
             Ok(entry) => files.push(entry),
             Err(e) => tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive"),
         }
-        let archive = pending.pinned().create(IMAGES_ARCHIVE).map_err(|e| incomplete(IMAGES_ARCHIVE, &e))?;
-        let (bytes, digest) = pack(&images, archive).map_err(|e| incomplete("packing the images", &e))?;
+        let archive = pending.pinned().create(IMAGES_ARCHIVE).map_err(|e| Error::incomplete(IMAGES_ARCHIVE, e))?;
+        let (bytes, digest) = pack(&images, archive).map_err(|e| Error::incomplete("packing the images", e))?;
         files.push(FileEntry::new(IMAGES_ARCHIVE, bytes, &digest));
         meta.images_archive_bytes = Some(bytes);
         meta.phases_ms.insert("pack".into(), ms(started));
     } else {
         // CRIU wrote them into the generation: one read each, from the page cache.
         let started = Instant::now();
-        files.extend(hash_images(&images).map_err(|e| incomplete("hashing the images", &e))?);
+        files.extend(hash_images(&images).map_err(|e| Error::incomplete("hashing the images", e))?);
         meta.phases_ms.insert("digest".into(), ms(started));
     }
     let (kernel, host, cpu) = metadata::host_facts();
@@ -266,14 +335,14 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         .pinned()
         .create(metadata::FILE)
         .and_then(|mut f| f.write_all(&meta_bytes))
-        .map_err(|e| incomplete(metadata::FILE, &e))?;
+        .map_err(|e| Error::incomplete(metadata::FILE, e))?;
     files.push(FileEntry::new(metadata::FILE, meta_bytes.len() as u64, &manifest::Digest::of(&meta_bytes)));
-    write_manifest(pending, files, fleet_key.as_ref()).map_err(|e| incomplete("the manifest", &e))?;
-    metadata::validate(pending.pinned(), &meta).map_err(|e| incomplete("validating the new generation", &e))?;
+    write_manifest(pending, files, fleet_key.as_ref()).map_err(|e| Error::incomplete("the manifest", e))?;
+    metadata::validate(pending.pinned(), &meta).map_err(|e| Error::incomplete("validating the new generation", e))?;
     meta.phases_ms.insert("validate".into(), ms(started));
     past_deadline(req, "validation")?;
     let started = Instant::now();
-    let gen = store.publish(pending).map_err(|e| incomplete("publishing", &e))?;
+    let gen = store.publish(pending).map_err(|e| Error::incomplete("publishing", e))?;
     meta.phases_ms.insert("publish".into(), ms(started));
     meta.phases_ms.insert("total".into(), ms(frozen_at));
     record_phases(req.target.config, "checkpoint", &meta.phases_ms);
@@ -287,13 +356,9 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
 }
 
 /// A stop's checkpoint that ran out of time: its signal must go now.
-fn abandoned(during: &str) -> TakeError {
-    TakeError::Incomplete(format!("abandoned: the stop deadline passed during {during}"))
-}
-
-fn past_deadline(req: &TakeRequest, during: &str) -> Result<(), TakeError> {
+fn past_deadline(req: &TakeRequest, during: &'static str) -> Result<(), Error> {
     match req.deadline {
-        Some(deadline) if Instant::now() >= deadline => Err(abandoned(during)),
+        Some(deadline) if Instant::now() >= deadline => Err(Error::Abandoned(during)),
         _ => Ok(()),
     }
 }
@@ -391,11 +456,11 @@ fn write_manifest(gen: &Generation, files: Vec<FileEntry>, key: Option<&FleetKey
 }
 
 /// The host's fleet key, if one is configured; an error if it is configured but unusable.
-fn fleet_key(config: &Config) -> Result<Option<FleetKey>, String> {
+fn fleet_key(config: &Config) -> Result<Option<FleetKey>, Error> {
     config
         .fleet_key_file
         .as_deref()
-        .map(|path| FleetKey::load(path).map_err(|e| format!("fleet key {}: {e}", path.display())))
+        .map(|path| FleetKey::load(path).map_err(|source| Error::FleetKey { path: path.into(), source }))
         .transpose()
 }
 
@@ -410,54 +475,55 @@ pub struct Verified {
 }
 
 /// The directory of a listed file (`name` or `images/name`) and its name there.
-fn listed_dir<'p>(gen: &Generation, path: &'p str) -> Result<(untrusted::Pinned, &'p str), String> {
+fn listed_dir<'p>(gen: &Generation, path: &'p str) -> Result<(untrusted::Pinned, &'p str), Error> {
     match path.split_once('/') {
-        Some((dir, name)) => Ok((gen.pinned().dir(dir, false).map_err(|e| format!("{dir}: {e}"))?, name)),
-        None => Ok((gen.pinned().reopen().map_err(|e| e.to_string())?, path)),
+        Some((dir, name)) => Ok((gen.pinned().dir(dir, false).map_err(|e| Error::io_at(dir, e))?, name)),
+        None => Ok((gen.pinned().reopen()?, path)),
     }
 }
 
 /// Reads a small listed file, checked against its digest.
-fn read_listed(gen: &Generation, manifest: &Manifest, path: &str, cap: u64) -> Result<Vec<u8>, String> {
-    let entry = manifest.require(path).map_err(|e| e.to_string())?;
+fn read_listed(gen: &Generation, manifest: &Manifest, path: &str, cap: u64) -> Result<Vec<u8>, Error> {
+    let entry = manifest.require(path)?;
     let (dir, name) = listed_dir(gen, path)?;
-    let bytes = dir.read(name, cap).map_err(|e| e.to_string())?;
-    entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes)).map_err(|e| e.to_string())?;
+    let bytes = dir.read(name, cap)?;
+    entry.check(bytes.len() as u64, &manifest::Digest::of(&bytes))?;
     Ok(bytes)
 }
 
 /// Opens a generation for restore or inspection: everything small verified.
-pub fn verify(gen: &Generation, config: &Config) -> Result<Verified, String> {
+pub fn verify(gen: &Generation, config: &Config) -> Result<Verified, Error> {
     verify_with(gen, fleet_key(config)?.as_ref())
 }
 
-fn verify_with(gen: &Generation, key: Option<&FleetKey>) -> Result<Verified, String> {
-    let bytes = gen.pinned().read(manifest::MANIFEST, manifest::MAX_MANIFEST_BYTES).map_err(|e| e.to_string())?;
+fn verify_with(gen: &Generation, key: Option<&FleetKey>) -> Result<Verified, Error> {
+    let bytes = gen.pinned().read(manifest::MANIFEST, manifest::MAX_MANIFEST_BYTES)?;
     if let Some(key) = key {
-        let tag = gen.pinned().read(manifest::TAG, 256).map_err(|e| format!("no valid fleet-key tag: {e}"))?;
+        let tag = gen.pinned().read(manifest::TAG, 256).map_err(Error::NoTag)?;
         if !key.verify(&bytes, &tag) {
-            return Err("manifest.tag does not verify with this host's fleet key".into());
+            return Err(Error::BadTag);
         }
     }
-    let manifest = Manifest::parse(&bytes).map_err(|e| e.to_string())?;
-    let metadata = Metadata::parse(&read_listed(gen, &manifest, metadata::FILE, metadata::MAX_BYTES)?)?;
+    let manifest = Manifest::parse(&bytes)?;
+    let metadata =
+        Metadata::parse(&read_listed(gen, &manifest, metadata::FILE, metadata::MAX_BYTES)?).map_err(Error::Invalid)?;
     read_listed(gen, &manifest, "dump.log", MAX_DUMP_LOG_BYTES)?;
     let diff_list = match metadata.rootfs_archive_bytes {
         Some(_) => Some(read_listed(gen, &manifest, rootfs::MANIFEST, rootfs::MAX_MANIFEST_BYTES)?),
         None => None,
     };
-    metadata::validate(gen.pinned(), &metadata)?;
+    metadata::validate(gen.pinned(), &metadata).map_err(Error::Invalid)?;
     Ok(Verified { manifest, metadata, diff_list })
 }
 
 /// Checks every listed file against its digest (one full read): `archctl validate`.
-pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, String> {
+pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, Error> {
     let verified = verify(gen, config)?;
     for entry in &verified.manifest.files {
         let (dir, name) = listed_dir(gen, &entry.path)?;
-        let (mut file, _) = dir.open(name).map_err(|e| e.to_string())?;
-        let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| format!("{}: {e}", entry.path))?;
-        entry.check(bytes, &digest).map_err(|e| e.to_string())?;
+        let (mut file, _) = dir.open(name)?;
+        let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| Error::io_at(&entry.path, e))?;
+        entry.check(bytes, &digest)?;
     }
     Ok(verified)
 }
@@ -470,18 +536,18 @@ fn prepare_images(
     gen: &Generation,
     verified: &Verified,
     staging: &Path,
-) -> Result<(PathBuf, Option<untrusted::Pinned>, (&'static str, u64)), String> {
+) -> Result<(PathBuf, Option<untrusted::Pinned>, (&'static str, u64)), Error> {
     let started = Instant::now();
     match verified.metadata.images_archive_bytes {
         Some(_) => {
             let images = staging.join("images");
-            let entry = verified.manifest.require(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
-            let (archive, _) = gen.pinned().open(IMAGES_ARCHIVE).map_err(|e| e.to_string())?;
-            unpack(archive, entry, &images, verified.metadata.images_bytes).map_err(|e| format!("{e:#}"))?;
+            let entry = verified.manifest.require(IMAGES_ARCHIVE)?;
+            let (archive, _) = gen.pinned().open(IMAGES_ARCHIVE)?;
+            unpack(archive, entry, &images, verified.metadata.images_bytes).map_err(Error::Unpack)?;
             Ok((images, None, ("unpack", ms(started))))
         }
         None => {
-            let dir = gen.pinned().dir(IMAGES_DIR, false).map_err(|e| format!("images: {e}"))?;
+            let dir = gen.pinned().dir(IMAGES_DIR, false).map_err(|e| Error::io_at(IMAGES_DIR, e))?;
             verify_images_dir(&dir, &verified.manifest)?;
             Ok((dir.path().to_path_buf(), Some(dir), ("digest", ms(started))))
         }
@@ -490,19 +556,19 @@ fn prepare_images(
 
 /// Basic mode: CRIU reads `images/` itself, so every file there must be listed
 /// and match, and nothing unlisted may be there (CRIU opens images by name).
-fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(), String> {
-    let mut seen = 0;
-    for (name, _) in dir.entries().map_err(|e| format!("images: {e}"))? {
+fn verify_images_dir(dir: &untrusted::Pinned, manifest: &Manifest) -> Result<(), Error> {
+    let mut present = 0;
+    for (name, _) in dir.entries().map_err(|e| Error::io_at(IMAGES_DIR, e))? {
         let path = format!("{IMAGES_DIR}/{name}");
-        let entry = manifest.require(&path).map_err(|e| e.to_string())?;
-        let (mut file, _) = dir.open(&name).map_err(|e| e.to_string())?;
-        let (bytes, digest) = manifest::hash_local_file(&mut file).map_err(|e| format!("{path}: {e}"))?;
-        entry.check(bytes, &digest).map_err(|e| e.to_string())?;
-        seen += 1;
+        let entry = manifest.require(&path)?;
+        let (mut file, _) = dir.open(&name)?;
+        let (bytes, digest) = manifest::hash_local_file(&mut file).map_err(|e| Error::io_at(&path, e))?;
+        entry.check(bytes, &digest)?;
+        present += 1;
     }
     let listed = manifest.files.iter().filter(|f| f.path.starts_with(&format!("{IMAGES_DIR}/"))).count();
-    if seen != listed {
-        return Err(format!("images: {listed} files listed, {seen} present"));
+    if present != listed {
+        return Err(Error::ImagesListed { listed, present });
     }
     Ok(())
 }
@@ -582,14 +648,15 @@ fn unpack(archive: std::fs::File, entry: &FileEntry, dir: &Path, bytes: u64) -> 
     zstd_result
 }
 
-/// The newest published generations of a location, newest first.
-pub fn generations(
-    location: &Location,
-    config: &Config,
-) -> std::io::Result<Vec<(Generation, Result<Metadata, String>)>> {
+/// A published generation, with its verified metadata or why it is not valid.
+pub type Listed = (Generation, Result<Metadata, Error>);
+
+/// The published generations of a location, newest first. None once the
+/// key's job has finished.
+pub fn generations(location: &Location, config: &Config) -> Result<Vec<Listed>, Error> {
     // A host whose own key is unusable restores nothing, and sets nothing aside:
     // the generations may be fine, the host is not.
-    let key = fleet_key(config).map_err(std::io::Error::other)?;
+    let key = fleet_key(config)?;
     let store = Store::new(location);
     if let Some(done) = store.completed() {
         tracing::info!(key = %location.key, exit_status = done.exit_status,
@@ -608,13 +675,13 @@ pub fn generations(
 
 /// Whether a generation can be restored on this machine: CRIU of the same
 /// major version, and `criu cpuinfo check` against the recorded CPU.
-pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), String> {
+pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), Error> {
     let verified = verify(gen, config)?;
     let meta = &verified.metadata;
     let local = metadata::tool_version("criu");
     let major = |v: &str| v.split('.').next().unwrap_or("").to_owned();
     if major(&local) != major(&meta.criu_version) {
-        return Err(format!("checkpoint taken with CRIU {}, this machine has {local}", meta.criu_version));
+        return Err(Error::CriuVersion { taken: meta.criu_version.clone(), local });
     }
     // CRIU reads the file by path: it gets a private copy of it, read here
     // without following links and checked against its digest.
@@ -624,13 +691,13 @@ pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), String>
     };
     let cpuinfo = read_listed(gen, &verified.manifest, &path, MAX_CPUINFO_BYTES);
     if let Ok(cpuinfo) = cpuinfo {
-        let dir = tempfile::Builder::new().prefix("arch-cpuinfo").tempdir().map_err(|e| format!("cpuinfo: {e}"))?;
-        std::fs::write(dir.path().join("cpuinfo.img"), cpuinfo).map_err(|e| format!("cpuinfo: {e}"))?;
+        let dir = tempfile::Builder::new().prefix("arch-cpuinfo").tempdir().map_err(Error::CpuinfoCopy)?;
+        std::fs::write(dir.path().join("cpuinfo.img"), cpuinfo).map_err(Error::CpuinfoCopy)?;
         let out = Command::new("criu").args(["cpuinfo", "check", "-D"]).arg(dir.path()).output();
         match out {
             Ok(o) if o.status.success() => {}
-            Ok(o) => return Err(format!("criu cpuinfo check: {}", String::from_utf8_lossy(&o.stderr).trim())),
-            Err(e) => return Err(format!("criu cpuinfo check: {e}")),
+            Ok(o) => return Err(Error::Cpuinfo(String::from_utf8_lossy(&o.stderr).trim().to_owned())),
+            Err(e) => return Err(Error::Cpuinfo(e.to_string())),
         }
     }
     Ok(())
@@ -643,12 +710,13 @@ pub struct RestoreRequest<'a> {
 }
 
 /// Restores the container from generation `name`: puts its writable layer
-/// back, then `runc restore --detach` with the new bundle. Returns runc's status.
-pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
+/// back, then `runc restore --detach` with the new bundle. Returns runc's
+/// status; an error means runc restore was not run.
+pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     let store = Store::new(req.target.location);
-    let _lock = store.lock().map_err(|e| format!("locking {}: {e}", req.target.location.dir.display()))?;
+    let _lock = store.lock().map_err(|source| Error::Lock { dir: req.target.location.dir.clone(), source })?;
     scratch::clean(req.target.config);
-    let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
+    let gen = store.generation(name).ok_or_else(|| Error::NoGeneration(name.into()))?;
     let restore_started = Instant::now();
     let mut phases = std::collections::BTreeMap::new();
     let verified = verify(&gen, req.target.config)?;
@@ -658,7 +726,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
     let work = staging.join("work");
-    crate::util::fs::create_private_dir(&work).map_err(|e| e.to_string())?;
+    crate::util::fs::create_private_dir(&work)?;
     // The images (unpacked or checked) and the layer (replayed) are independent:
     // one on each core. A failure of either after the layer went in rolls it back.
     let rootfs = req.target.bundle.join("rootfs");
@@ -673,16 +741,16 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
                 verified
                     .manifest
                     .require(rootfs::ARCHIVE)
-                    .map_err(|e| e.to_string())
+                    .map_err(Error::from)
                     .and_then(|entry| {
                         rootfs::apply(gen.pinned(), entry, diff_list, &rootfs, &staging, meta.rootfs_bytes, limit)
-                            .map_err(|e| format!("{e:#}"))
+                            .map_err(Error::Layer)
                     })
                     .map(|()| Some(ms(started)))
             }
             None => Ok(None),
         };
-        (images.join().unwrap_or_else(|_| Err("preparing the images panicked".into())), layer)
+        (images.join().unwrap_or(Err(Error::Panicked)), layer)
     });
     let (images, _images_dir, (phase, images_ms)) = images?;
     phases.insert(phase.to_owned(), images_ms);
@@ -705,7 +773,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
     argv.extend(meta.options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
-    let status = req.target.runc.run(&argv).map_err(|e| e.to_string())?;
+    let status = req.target.runc.run(&argv)?;
     tracing::info!(argv = ?argv, status, ms = ms(started), "runc restore");
     if status == 0 {
         if let Some(rollback) = rollback {
@@ -723,11 +791,11 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, String> {
 }
 
 /// Moves a generation aside after it failed to restore.
-pub fn quarantine(location: &Location, name: &str, reason: &str) -> Result<(), String> {
+pub fn quarantine(location: &Location, name: &str, reason: &str) -> Result<(), Error> {
     let store = Store::new(location);
-    let _lock = store.lock().map_err(|e| e.to_string())?;
-    let gen = store.generation(name).ok_or_else(|| format!("no generation {name}"))?;
-    store.quarantine(&gen, reason).map_err(|e| e.to_string())
+    let _lock = store.lock()?;
+    let gen = store.generation(name).ok_or_else(|| Error::NoGeneration(name.into()))?;
+    Ok(store.quarantine(&gen, reason)?)
 }
 
 #[cfg(test)]

@@ -233,6 +233,18 @@ impl state::Host for HostState {
     }
 }
 
+/// The WIT's three outcomes of a failed take: runc was not run, runc
+/// failed (with its status), or runc succeeded and ARCH's part did not.
+fn wit_checkpoint_error(e: checkpoint::Error) -> checkpoints::CheckpointError {
+    use checkpoint::Error;
+    use checkpoints::CheckpointError;
+    match e {
+        Error::Runc(status) => CheckpointError::Runc(status),
+        Error::Abandoned(_) | Error::Incomplete { .. } => CheckpointError::Incomplete(e.to_string()),
+        e => CheckpointError::NotRun(e.to_string()),
+    }
+}
+
 fn wit_generation(meta: &checkpoint::metadata::Metadata) -> checkpoints::Generation {
     checkpoints::Generation {
         name: meta.name.clone(),
@@ -289,11 +301,7 @@ impl checkpoints::Host for HostState {
                 {
                     metrics.count("arch_trigger_failures_total", &[("trigger", ctx.trigger.kind.name())], 1);
                 }
-                Err(match e {
-                    checkpoint::TakeError::NotRun(m) => CheckpointError::NotRun(m),
-                    checkpoint::TakeError::Runc(s) => CheckpointError::Runc(s),
-                    checkpoint::TakeError::Incomplete(m) => CheckpointError::Incomplete(m),
-                })
+                Err(wit_checkpoint_error(e))
             }
         })
     }
@@ -308,7 +316,10 @@ impl checkpoints::Host for HostState {
                 }
             }
             let gens = checkpoint::generations(&location, &self.ctx.config).map_err(|e| e.to_string())?;
-            Ok(gens.into_iter().map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)))).collect())
+            Ok(gens
+                .into_iter()
+                .map(|(g, meta)| (g.name, meta.map(|m| wit_generation(&m)).map_err(|e| e.to_string())))
+                .collect())
         }))
     }
 
@@ -317,7 +328,7 @@ impl checkpoints::Host for HostState {
             let gen = checkpoint::store::Store::new(&location)
                 .generation(&name)
                 .ok_or_else(|| format!("no generation {name}"))?;
-            checkpoint::check_compatible(&gen, &self.ctx.config)
+            checkpoint::check_compatible(&gen, &self.ctx.config).map_err(|e| e.to_string())
         }))
     }
 
@@ -347,13 +358,13 @@ impl checkpoints::Host for HostState {
         if let Err(e) = &result {
             tracing::warn!(id = %ctx.id, generation = %name, error = %e, "restore not attempted");
         }
-        Ok(result)
+        Ok(result.map_err(|e| e.to_string()))
     }
 
     fn quarantine(&mut self, name: String, reason: String) -> wasmtime::Result<Result<(), String>> {
         Ok(self.ctx.location().and_then(|location| {
             tracing::warn!(id = %self.ctx.id, generation = %name, %reason, "generation quarantined");
-            checkpoint::quarantine(&location, &name, &reason)
+            checkpoint::quarantine(&location, &name, &reason).map_err(|e| e.to_string())
         }))
     }
 }
