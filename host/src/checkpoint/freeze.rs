@@ -90,7 +90,8 @@ fn thaw_globals(globals: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// ARCH's freeze of one container: thawed by [`Freeze::thaw`] or on drop.
+/// ARCH's freeze of one container: a guard, thawed by [`Freeze::thaw`] at
+/// the end of the frozen window or, on every other path, when dropped.
 pub struct Freeze<'a> {
     runc: &'a Runc,
     id: &'a str,
@@ -137,8 +138,13 @@ impl<'a> Freeze<'a> {
         freeze
     }
 
-    /// Lets the container run again (once; a no-op if ARCH did not freeze it).
-    pub fn thaw(&mut self) {
+    /// Ends the frozen window: lets the container run again (a no-op if ARCH
+    /// did not freeze it).
+    pub fn thaw(mut self) {
+        self.resume();
+    }
+
+    fn resume(&mut self) {
         if !self.frozen {
             return;
         }
@@ -161,7 +167,7 @@ impl<'a> Freeze<'a> {
 
 impl Drop for Freeze<'_> {
     fn drop(&mut self) {
-        self.thaw();
+        self.resume();
     }
 }
 

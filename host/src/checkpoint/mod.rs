@@ -19,6 +19,7 @@ use crate::util::time::{ms_since as ms, now_ms};
 use key::Location;
 use manifest::{FileEntry, FleetKey, Manifest};
 use metadata::{CriuOptions, Metadata};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -139,6 +140,62 @@ impl Error {
     }
 }
 
+/// How long each phase of one take or restore took: the generation's
+/// `phases_ms` and the `arch_phase_duration_seconds` histogram are the same
+/// figures, so they cannot disagree.
+pub struct Phases {
+    operation: &'static str,
+    started: Instant,
+    ms: BTreeMap<String, u64>,
+}
+
+impl Phases {
+    /// Starts the clock of the whole `operation` (`checkpoint`, `restore`): its `total`.
+    pub fn start(operation: &'static str) -> Phases {
+        Phases { operation, started: Instant::now(), ms: BTreeMap::new() }
+    }
+
+    /// `phase` lasted from `since` until now; returns its milliseconds.
+    pub fn end(&mut self, phase: &str, since: Instant) -> u64 {
+        let ms = crate::util::time::ms_since(since);
+        self.insert(phase, ms);
+        ms
+    }
+
+    /// `phase` lasted from the start of the operation until now.
+    pub fn end_from_start(&mut self, phase: &str) -> u64 {
+        self.end(phase, self.started)
+    }
+
+    /// `phase` lasted `ms` (timed elsewhere, e.g. on another thread).
+    pub fn insert(&mut self, phase: &str, ms: u64) {
+        self.ms.insert(phase.to_owned(), ms);
+    }
+
+    /// The phases ended so far.
+    pub fn so_far(&self) -> &BTreeMap<String, u64> {
+        &self.ms
+    }
+
+    /// Ends the operation: adds `total`, adds every phase to
+    /// `arch_phase_duration_seconds`, and returns them all.
+    pub fn finish(mut self, config: &Config) -> BTreeMap<String, u64> {
+        self.end_from_start("total");
+        let labels: Vec<[(&str, &str); 2]> =
+            self.ms.keys().map(|phase| [("operation", self.operation), ("phase", phase.as_str())]).collect();
+        let figures: Vec<_> = self
+            .ms
+            .values()
+            .zip(&labels)
+            .map(|(ms, labels)| {
+                ("arch_phase_duration_seconds", &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
+            })
+            .collect();
+        crate::metrics::Metrics::new(config).record(&figures);
+        self.ms
+    }
+}
+
 /// A CPU description is a few KiB.
 const MAX_CPUINFO_BYTES: u64 = 1 << 20;
 /// CRIU's log of a dump (verbose logging makes it a few MiB at most).
@@ -206,11 +263,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     // With --leave-running the files must match the memory image: keep the
     // container frozen from the dump until its layer is captured (a guard:
     // every return thaws it). One paused before stays paused (see `freeze`).
+    // The phases' clock starts here: `total` and `freeze` count from the freeze.
     if req.deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Error::TooLate);
     }
-    let frozen_at = Instant::now();
-    let mut frozen = freeze::Freeze::begin(&req.target, req.leave_running);
+    let mut phases = Phases::start("checkpoint");
+    let frozen = freeze::Freeze::begin(&req.target, req.leave_running);
     let mut argv =
         req.target.runc.argv(&["checkpoint", "--image-path", path_str(&images), "--work-path", path_str(&work)]);
     if req.leave_running {
@@ -223,7 +281,7 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         None => req.target.runc.run(&argv)?,
         Some(deadline) => req.target.runc.run_until(&argv, deadline)?.ok_or(Error::Abandoned("the dump"))?,
     };
-    let dump_ms = ms(started);
+    let dump_ms = phases.end("dump", started);
     tracing::info!(argv = ?argv, status, dump_ms, "runc checkpoint");
     if status != 0 {
         return Err(Error::Runc(status));
@@ -242,7 +300,6 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         trigger_fired_unix_ms: Some(req.trigger.fired_unix_ms),
         ..Default::default()
     };
-    meta.phases_ms.insert("dump".into(), dump_ms);
 
     let upper = match rootfs::upperdir(&req.target.bundle.join("rootfs")) {
         Ok(Some(upper)) => Some(upper),
@@ -255,49 +312,51 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         }
         Err(e) => return Err(Error::incomplete("finding the rootfs upperdir", e)),
     };
+    // Stopped by CRIU (no --leave-running), nothing changes the layer any
+    // more: it streams into the generation. Still running, it is copied
+    // uncompressed while frozen (it must match the memory image), in memory
+    // when that fits, and compressed once the container runs again.
     let started = Instant::now();
-    let captured = match (&upper, req.leave_running) {
-        (None, _) => None,
-        (Some(upper), leave_running) => {
-            let survey = rootfs::survey(upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
-            let archive = if !leave_running {
-                // Stopped by CRIU: nothing changes the layer any more; stream it.
-                rootfs::capture(upper, &survey, pending.pinned())
-                    .map_err(|e| Error::incomplete("capturing the rootfs", e))?
-            } else {
-                // Still running: freeze only for an uncompressed copy (it must
-                // match the memory image), in memory when it fits; compress
-                // once the container runs again.
-                let staged = freeze_staging(req.target.config, survey.bytes, name)
-                    .unwrap_or_else(|| local.join("rootfs-diff.tar"));
-                let copied = rootfs::stage(upper, &survey, &staged);
-                meta.phases_ms.insert("rootfs_copy".into(), ms(started));
-                frozen.thaw();
-                meta.phases_ms.insert("freeze".into(), ms(frozen_at));
+    let survey = match &upper {
+        Some(upper) => Some(rootfs::survey(upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?),
+        None => None,
+    };
+    let staged = match (&upper, &survey) {
+        (Some(upper), Some(survey)) if req.leave_running => {
+            let staged =
+                freeze_staging(req.target.config, survey.bytes, name).unwrap_or_else(|| local.join("rootfs-diff.tar"));
+            let copied = rootfs::stage(upper, survey, &staged);
+            phases.end("rootfs_copy", started);
+            Some((staged, copied))
+        }
+        _ => None,
+    };
+    // The end of the frozen window.
+    frozen.thaw();
+    if req.leave_running {
+        phases.end_from_start("freeze");
+    }
+    if let (Some(upper), Some(survey)) = (&upper, survey) {
+        let archive = match staged {
+            Some((staged, copied)) => {
                 let compressed = copied.and_then(|()| rootfs::compress(&staged, pending.pinned()));
                 let _ = std::fs::remove_file(&staged);
                 compressed.map_err(|e| Error::incomplete("copying the rootfs", e))?
-            };
-            files.push(
-                rootfs::write_manifest(pending.pinned(), &survey.manifest)
-                    .map_err(|e| Error::incomplete("the diff list", e))?,
-            );
-            let bytes = archive.size;
-            files.push(archive);
-            Some((bytes, survey.manifest, survey.bytes))
-        }
-    };
-    if upper.is_none() && req.leave_running {
-        frozen.thaw();
-        meta.phases_ms.insert("freeze".into(), ms(frozen_at));
+            }
+            None => rootfs::capture(upper, &survey, pending.pinned())
+                .map_err(|e| Error::incomplete("capturing the rootfs", e))?,
+        };
+        files.push(
+            rootfs::write_manifest(pending.pinned(), &survey.manifest)
+                .map_err(|e| Error::incomplete("the diff list", e))?,
+        );
+        meta.rootfs_archive_bytes = Some(archive.size);
+        meta.rootfs_files = survey.manifest.files;
+        meta.rootfs_bytes = survey.bytes;
+        files.push(archive);
     }
     past_deadline(req, "the layer copy")?;
-    if let Some((bytes, manifest, content)) = captured {
-        meta.rootfs_archive_bytes = Some(bytes);
-        meta.rootfs_files = manifest.files;
-        meta.rootfs_bytes = content;
-    }
-    meta.phases_ms.insert("rootfs".into(), ms(started));
+    phases.end("rootfs", started);
 
     files.push(copy_in(&work.join("dump.log"), pending, "dump.log").map_err(|e| Error::incomplete("dump.log", e))?);
     if let Err(e) = Command::new("criu").args(["cpuinfo", "dump", "-D"]).arg(&images).output() {
@@ -318,17 +377,18 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
         let (bytes, digest) = pack(&images, archive).map_err(|e| Error::incomplete("packing the images", e))?;
         files.push(FileEntry::new(IMAGES_ARCHIVE, bytes, &digest));
         meta.images_archive_bytes = Some(bytes);
-        meta.phases_ms.insert("pack".into(), ms(started));
+        phases.end("pack", started);
     } else {
         // CRIU wrote them into the generation: one read each, from the page cache.
         let started = Instant::now();
         files.extend(hash_images(&images).map_err(|e| Error::incomplete("hashing the images", e))?);
-        meta.phases_ms.insert("digest".into(), ms(started));
+        phases.end("digest", started);
     }
     let (kernel, host, cpu) = metadata::host_facts();
     (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
     meta.runc_version = req.target.runc.version();
     meta.criu_version = metadata::tool_version("criu");
+    meta.phases_ms = phases.so_far().clone();
     let started = Instant::now();
     let meta_bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     pending
@@ -339,13 +399,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     files.push(FileEntry::new(metadata::FILE, meta_bytes.len() as u64, &manifest::Digest::of(&meta_bytes)));
     write_manifest(pending, files, fleet_key.as_ref()).map_err(|e| Error::incomplete("the manifest", e))?;
     metadata::validate(pending.pinned(), &meta).map_err(|e| Error::incomplete("validating the new generation", e))?;
-    meta.phases_ms.insert("validate".into(), ms(started));
+    phases.end("validate", started);
     past_deadline(req, "validation")?;
     let started = Instant::now();
     let gen = store.publish(pending).map_err(|e| Error::incomplete("publishing", e))?;
-    meta.phases_ms.insert("publish".into(), ms(started));
-    meta.phases_ms.insert("total".into(), ms(frozen_at));
-    record_phases(req.target.config, "checkpoint", &meta.phases_ms);
+    phases.end("publish", started);
+    meta.phases_ms = phases.finish(req.target.config);
     record_trigger(req.target.config, &req.trigger, &gen.name);
     match store.prune(req.target.config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
@@ -380,20 +439,6 @@ fn record_trigger(config: &Config, trigger: &crate::triggers::Trigger, generatio
         &[("trigger", trigger.kind.name())],
         seconds,
     );
-}
-
-/// Adds each phase's duration to `arch_phase_duration_seconds`.
-fn record_phases(config: &Config, operation: &str, phases_ms: &std::collections::BTreeMap<String, u64>) {
-    let labels: Vec<[(&str, &str); 2]> =
-        phases_ms.keys().map(|phase| [("operation", operation), ("phase", phase.as_str())]).collect();
-    let figures: Vec<_> = phases_ms
-        .values()
-        .zip(&labels)
-        .map(|(ms, labels)| {
-            ("arch_phase_duration_seconds", &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
-        })
-        .collect();
-    crate::metrics::Metrics::new(config).record(&figures);
 }
 
 /// A file for the frozen copy of a layer of `bytes` in `freeze_staging_dir`
@@ -717,11 +762,10 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     let _lock = store.lock().map_err(|source| Error::Lock { dir: req.target.location.dir.clone(), source })?;
     scratch::clean(req.target.config);
     let gen = store.generation(name).ok_or_else(|| Error::NoGeneration(name.into()))?;
-    let restore_started = Instant::now();
-    let mut phases = std::collections::BTreeMap::new();
+    let mut phases = Phases::start("restore");
     let verified = verify(&gen, req.target.config)?;
     let meta = &verified.metadata;
-    phases.insert("validate".to_owned(), ms(restore_started));
+    phases.end_from_start("validate");
     let staging =
         req.target.config.state_dir.join("staging").join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = StagingGuard(Some(staging.clone()));
@@ -753,10 +797,10 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
         (images.join().unwrap_or(Err(Error::Panicked)), layer)
     });
     let (images, _images_dir, (phase, images_ms)) = images?;
-    phases.insert(phase.to_owned(), images_ms);
+    phases.insert(phase, images_ms);
     if let Some(layer_ms) = layer? {
         tracing::info!(id = req.target.id, ms = layer_ms, "rootfs diff applied");
-        phases.insert("rootfs".to_owned(), layer_ms);
+        phases.insert("rootfs", layer_ms);
     }
     let mut argv = req.target.runc.argv(&[
         "restore",
@@ -779,9 +823,8 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
         if let Some(rollback) = rollback {
             rollback.disarm();
         }
-        phases.insert("restore".to_owned(), ms(started));
-        phases.insert("total".to_owned(), ms(restore_started));
-        record_phases(req.target.config, "restore", &phases);
+        phases.end("restore", started);
+        phases.finish(req.target.config);
     } else {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(3).collect();
@@ -810,5 +853,23 @@ mod tests {
         };
         let asked = CriuOptions::from_flags(&["--tcp-established"]).unwrap();
         assert_eq!(options(&config, asked).flags(), ["--tcp-established", "--shell-job", "--file-locks"]);
+    }
+
+    #[test]
+    fn phases_feed_the_metadata_and_the_histogram_alike() {
+        let d = tempfile::tempdir().unwrap();
+        let config = Config { state_dir: d.path().to_path_buf(), ..Default::default() };
+        let mut phases = Phases::start("checkpoint");
+        let dump = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(phases.end("dump", dump) >= 5);
+        phases.insert("pack", 7);
+        assert_eq!(phases.so_far().keys().collect::<Vec<_>>(), ["dump", "pack"]);
+        let all = phases.finish(&config);
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["dump", "pack", "total"]);
+        assert!(all["total"] >= all["dump"]);
+        let text = crate::metrics::Metrics::new(&config).read().unwrap().histograms;
+        let series: Vec<_> = text.keys().filter(|k| k.starts_with("arch_phase_duration_seconds")).collect();
+        assert_eq!(series.len(), 3, "{series:?}");
     }
 }
