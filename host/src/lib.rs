@@ -7,7 +7,7 @@
 //! - what a module may ask of the host: [`wasm`] (capabilities);
 //! - which module runs: [`modules`] (builtin or operator override);
 //! - whether a file that steers root (config, runc, module) is root's alone: [`trust`];
-//! - checkpoints on disk: [`checkpoint`] (take, restore, store, catalog);
+//! - checkpoints on disk: [`checkpoint`] (its phases: take, verify, compat, restore; store, catalog);
 //! - the real runc, as every caller runs it: [`runc::Runc`];
 //! - checkpoints ARCH takes by itself (Spot notices, stops, intervals): [`triggers`];
 //! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);

@@ -174,7 +174,7 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
 /// checks its frame checksums).
 pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), super::Error> {
     super::verify_all(gen, config)?;
-    for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
+    for archive in [super::rootfs::ARCHIVE, super::archive::IMAGES_ARCHIVE] {
         let file = match gen.pinned().open(archive) {
             Ok((file, _)) => file,
             Err(e) if e.is_not_found() => continue,
