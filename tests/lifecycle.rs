@@ -126,6 +126,9 @@ fn exit_zero_removes_checkpoints_killed_keeps_them_and_watch_survives_a_containe
     wait_for(|| subscriptions(&ctd.inst) > before, "watch resubscribed");
     finish(&ctd, "after-restart");
     wait_for(|| !after_restart.exists(), "an exit after the restart settled");
+    // watch counts the exit after removing the checkpoints and storing the record.
+    let successes = || ctd.inst.counters().get("arch_exits_total{outcome=\"success\"}").copied();
+    wait_for(|| successes() == Some(4), "the exit after the restart counted");
 
     let exits = ctd.inst.counters();
     assert_eq!(exits.get("arch_exits_total{outcome=\"success\"}"), Some(&4), "{exits:?}");
@@ -181,7 +184,7 @@ fn watch_serves_metrics_over_http() {
         return;
     }
     let inst = Instance::new(std::path::Path::new("/bin/true"));
-    arch::metrics::Metrics::at(&inst.path("state")).count("arch_checkpoint_attempts_total", &[], 3);
+    arch::metrics::Metrics::at(&inst.path("state")).count(arch::metrics::CHECKPOINT_ATTEMPTS, &[], 3);
     let port = 20000 + (std::process::id() % 20000) as u16;
     let mut child = inst
         .archctl()

@@ -85,9 +85,9 @@ fn archctl_metrics_parses_with_prometheus_parsers() {
     m.count_guest("checkpoint_images_bytes_total", 4096).unwrap();
     m.count_guest("vendor_special_total", 1).unwrap();
     for s in [0.003, 0.2, 7.0] {
-        m.observe("arch_phase_duration_seconds", &[("operation", "checkpoint"), ("phase", "dump")], s);
+        m.observe(arch::metrics::PHASE_DURATION, &[("operation", "checkpoint"), ("phase", "dump")], s);
     }
-    m.observe("arch_phase_duration_seconds", &[("operation", "restore"), ("phase", "total")], 1.5);
+    m.observe(arch::metrics::PHASE_DURATION, &[("operation", "restore"), ("phase", "total")], 1.5);
 
     let out = inst.archctl().arg("metrics").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -172,7 +172,7 @@ fn grafana_dashboard_queries_are_valid_promql_over_arch_metrics() {
         .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
         .collect();
     assert!(exprs.len() >= 10);
-    let known: Vec<&str> = arch::metrics::FAMILIES.iter().map(|(name, _, _)| *name).collect();
+    let known: Vec<&str> = arch::metrics::FAMILIES.iter().map(|f| f.name).collect();
     for expr in &exprs {
         for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("arch_")) {
             let family = word.trim_end_matches("_bucket");

@@ -159,6 +159,11 @@ fn past_the_stop_deadline_the_signal_goes_and_the_last_good_checkpoint_stays() {
     let inst = Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "stop_checkpoint_deadline_secs": 1.5 }));
     let ctd = Containerd::start_with("arch-tr-deadline", inst);
     let dir = key_dir(&ctd, "jobs/deadline");
+    // A first stop compiles the kill module into the cache: the deadline is
+    // then spent on the dump, not on compiling.
+    start_armed(&ctd, "warm", &["ARCH_CHECKPOINT_KEY=jobs/warm", "ARCH_CHECKPOINT_ON_STOP=1"], GRACEFUL);
+    ctd.ok(&["task", "kill", "-s", "TERM", "warm"]);
+    assert_eq!(exit_status(&ctd, "warm"), 143);
     start_heavy(&ctd, "job", &["ARCH_CHECKPOINT_KEY=jobs/deadline", "ARCH_CHECKPOINT_ON_STOP=1"], 2500);
     let good = checkpoint(&ctd, "job", false, &dir);
     let asked = Instant::now();
@@ -478,4 +483,46 @@ fn a_batch_job_checkpointed_at_a_spot_notice_resumes_on_another_node_after_the_f
     assert!(after >= before, "the count continues ({before} -> {after})");
     assert!(errors(&b.inst).is_empty(), "{:?}", errors(&b.inst));
     remove(&b, "attempt-2");
+}
+
+#[test]
+fn a_metadata_service_that_answers_wrongly_is_logged_once_a_minute_and_acts_on_nothing() {
+    if !require(is_root(), "root") {
+        return;
+    }
+    // Answers every request with a huge, malformed "notice".
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut conn = conn;
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let body = "{".repeat(1 << 20);
+                let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            });
+        }
+    });
+    let inst = Instance::with(
+        Path::new("/usr/sbin/runc"),
+        serde_json::json!({ "spot_metadata_endpoint": format!("http://127.0.0.1:{port}"), "spot_poll_interval_secs": 0.05 }),
+    );
+    let mut watch = inst
+        .archctl()
+        .args(["watch", "--containerd", "/nonexistent.sock"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: a plain kill of our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    watch.wait().unwrap();
+    let lines = spot_lines(&inst);
+    let warnings: Vec<_> = lines.iter().filter(|r| r["level"] == "WARN").collect();
+    assert_eq!(warnings.len(), 1, "{lines:?}");
+    assert!(!lines.iter().any(|r| r["message"] == "Spot interruption notice"), "{lines:?}");
+    assert!(!inst.path("state/spot.json").exists(), "nothing was acted on");
 }

@@ -18,7 +18,7 @@ use crate::argv::{self, Invocation};
 use crate::checkpoint::freeze;
 use crate::config::Config;
 use crate::container::{self, Record, Records, RegisterError};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Family};
 use crate::modules::{self, Origin};
 use crate::runc::{self, Runc};
 use crate::triggers::{self, Kind, Trigger};
@@ -33,6 +33,7 @@ use std::time::Instant;
 pub fn main(argv: Vec<OsString>) -> i32 {
     let started = Instant::now();
     let loaded = Config::load();
+    metrics::init(&loaded.config);
     let args: Vec<OsString> = argv.into_iter().skip(1).collect();
     let utf8: Option<Vec<String>> = args.iter().map(|a| a.clone().into_string().ok()).collect();
     let inv = argv::parse(utf8.as_deref().unwrap_or_default());
@@ -45,7 +46,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if let Some(refusal) = &loaded.refused {
         // The defaults' log: nothing the untrusted file says is used.
         tracing::error!(config = %loaded.path.display(), "host config refused, behaving as plain runc: {refusal}");
-        call.count("arch_config_refusals_total");
+        call.count(metrics::CONFIG_REFUSALS);
         call.report.reason = "host config refused";
     } else if utf8.is_none() {
         call.report.reason = "argv is not UTF-8";
@@ -93,11 +94,11 @@ impl Call {
                 if self.report.reason.is_empty() {
                     self.report.reason = reason;
                 }
-                Metrics::new(&self.config).count("arch_passthrough_total", &command, 1);
+                metrics::handle().count(metrics::PASSTHROUGH, &command, 1);
                 self.exec(&runc, None)
             }
             Route::Handle(record_path) => {
-                Metrics::new(&self.config).count("arch_handled_total", &command, 1);
+                metrics::handle().count(metrics::HANDLED, &command, 1);
                 self.handle(&runc, record_path)
             }
         }
@@ -179,7 +180,7 @@ impl Call {
             Err(RegisterError::Store(e)) => {
                 self.report.arch_enabled = true;
                 tracing::error!(id = %self.report.id, error = %e, "could not write ARCH record; passing through");
-                self.count("arch_failures_total");
+                self.count(metrics::FAILURES);
                 Route::PassThrough("could not write ARCH record")
             }
         }
@@ -243,7 +244,7 @@ impl Call {
         let resolution = modules::resolve(&self.config.modules_dir, sub);
         if let Some(refusal) = &resolution.refused {
             tracing::error!(subcommand = sub, "module override refused, using the builtin: {refusal}");
-            self.count("arch_module_refusals_total");
+            self.count(metrics::MODULE_REFUSALS);
         }
         let module = resolution.module;
         self.report.module = match &module.origin {
@@ -261,7 +262,7 @@ impl Call {
             runner: Box::new(ChildRunc(runc.clone())),
             config: self.config.clone(),
             runc: runc.clone(),
-            metrics: Some(Metrics::new(&self.config)),
+            metrics: Some(metrics::handle().clone()),
             ran_original: None,
             trigger,
             deadline,
@@ -271,7 +272,7 @@ impl Call {
             Ok(done) => done,
             Err((e, ran_original)) => {
                 tracing::error!(id = %self.report.id, module = %self.report.module, error = format!("{e:#}"), "handler failed; behaving as plain runc");
-                self.count("arch_module_failures_total");
+                self.count(metrics::MODULE_FAILURES);
                 return self.fail_open(runc, ran_original, "module failed");
             }
         };
@@ -282,7 +283,7 @@ impl Call {
                 Ok(full) => self.exec(runc, Some(full)),
                 Err(e) => {
                     tracing::error!(id = %ctx.id, "handler's exec-runc refused: {e}");
-                    self.count("arch_module_failures_total");
+                    self.count(metrics::MODULE_FAILURES);
                     self.fail_open(runc, ctx.ran_original, "exec-runc refused")
                 }
             },
@@ -311,7 +312,7 @@ impl Call {
     }
 
     fn count_trigger(&self, kind: Kind) {
-        Metrics::new(&self.config).count("arch_triggers_total", &[("trigger", kind.name())], 1);
+        metrics::handle().count(metrics::TRIGGERS, &[("trigger", kind.name())], 1);
     }
 
     /// A pass-through call on a container that a dead arch-runc left frozen
@@ -384,8 +385,8 @@ impl Call {
         status
     }
 
-    fn count(&self, family: &str) {
-        Metrics::new(&self.config).count(family, &[], 1);
+    fn count(&self, family: Family) {
+        metrics::handle().count(family, &[], 1);
     }
 
     /// The one record per invocation.

@@ -12,7 +12,7 @@ use crate::checkpoint::key;
 use crate::checkpoint::store::{Completed, Store};
 use crate::config::{Config, OnExitZero};
 use crate::container::{env_value, Exit, Record, Records};
-use crate::metrics::Metrics;
+use crate::metrics;
 use anyhow::Context;
 
 pub const ON_EXIT_ZERO_ENV: &str = "ARCH_ON_EXIT_ZERO";
@@ -83,7 +83,7 @@ pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
         Some(_) => "failure",
         None => "unknown",
     };
-    Metrics::new(config).count("arch_exits_total", &[("outcome", outcome)], 1);
+    metrics::handle().count(metrics::EXITS, &[("outcome", outcome)], 1);
     let status = ended.status.map_or("unknown".to_owned(), |s| s.to_string());
     tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status,
         source = ended.source, action = %exit.action, "container ended");
@@ -117,12 +117,11 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
     let Ok(found) = catalog::find(config, &location.key, Some(location.mode)) else {
         return Ok("nothing to remove".into());
     };
-    let metrics = Metrics::new(config);
     for location in found {
         if ttl == 0 {
             let bytes = catalog::remove_key(&location, &|_| {})
                 .with_context(|| format!("removing the checkpoints of {}", location.key))?;
-            metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero")], 1);
+            metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", "exit_zero")], 1);
             tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "job finished: checkpoints removed");
         } else {
             let store = Store::new(&location);
@@ -147,7 +146,7 @@ pub fn sweep(config: &Config) -> anyhow::Result<()> {
     crate::checkpoint::freeze::thaw_orphans(config);
     crate::checkpoint::scratch::sweep(config);
     for (location, bytes) in catalog::expire_completed(config)? {
-        Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
+        metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", "exit_zero_ttl")], 1);
         tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "finished job's checkpoints expired");
     }
     forget_ended(config, None)?;

@@ -13,7 +13,7 @@ use crate::checkpoint::key::Location;
 use crate::checkpoint::store::Store;
 use crate::config::Config;
 use crate::lifecycle::parse_duration;
-use crate::metrics::Metrics;
+use crate::metrics;
 use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
@@ -85,10 +85,9 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     }
     if !args.dry_run {
         let bar = output::progress(plan.len() as u64, "collecting");
-        let metrics = Metrics::new(config);
         for p in &plan {
             bar.set_message(format!("collecting {}", p.location.key));
-            collect(p, &metrics).with_context(|| format!("collecting {}", p.location.key))?;
+            collect(p).with_context(|| format!("collecting {}", p.location.key))?;
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -117,10 +116,10 @@ struct Plan {
     expired: bool,
 }
 
-fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyhow::Result<()> {
+fn collect(Plan { location, doomed, expired }: &Plan) -> anyhow::Result<()> {
     if *expired {
         catalog::remove_key(location, &|_| {})?;
-        metrics.count("arch_checkpoints_removed_total", &[("reason", "exit_zero_ttl")], 1);
+        metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", "exit_zero_ttl")], 1);
         return Ok(());
     }
     let store = Store::new(location);
@@ -131,7 +130,7 @@ fn collect(Plan { location, doomed, expired }: &Plan, metrics: &Metrics) -> anyh
     store.remove_pending()?;
     for (g, reason) in doomed {
         catalog::remove_generation(g)?;
-        metrics.count("arch_checkpoints_removed_total", &[("reason", reason)], 1);
+        metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", reason)], 1);
     }
     // A key left with nothing goes too (after our lock: remove_key takes it).
     let empty = store.generations()?.is_empty() && store.quarantined()?.is_empty();

@@ -1,7 +1,6 @@
 //! `archctl metrics`: ARCH's counters and duration histograms.
 
 use crate::config::Config;
-use crate::metrics::Metrics;
 use anyhow::Context;
 
 #[derive(Debug, clap::Args)]
@@ -13,7 +12,7 @@ pub struct Args {
 
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     let snapshot =
-        Metrics::new(config).read().with_context(|| format!("reading {}/metrics", config.state_dir.display()))?;
+        crate::metrics::handle().read().with_context(|| format!("reading {}/metrics", config.state_dir.display()))?;
     if args.json {
         super::output::print_json(&snapshot)?;
     } else {

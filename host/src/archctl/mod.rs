@@ -155,6 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         .into());
     }
     let config = &loaded.config;
+    crate::metrics::init(config);
     match cli.command {
         Command::List(args) => list::run(config, args),
         Command::Inspect(args) => inspect::run(config, args),

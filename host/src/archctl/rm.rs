@@ -4,7 +4,7 @@
 use super::{output, KeyArgs};
 use crate::checkpoint::{catalog, store::Store};
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics;
 use anyhow::Context;
 
 pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
@@ -20,7 +20,7 @@ pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
         })
         .with_context(|| format!("removing {}", location.dir.display()))?;
         bar.finish_and_clear();
-        Metrics::new(config).count("arch_checkpoints_removed_total", &[("reason", "rm")], 1);
+        metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", "rm")], 1);
         removed.push(serde_json::json!({
             "key": location.key, "mode": location.mode.as_str(), "generations": count, "bytes": bytes,
         }));

@@ -13,7 +13,7 @@ use super::CtlError;
 use crate::config::Config;
 use crate::container::Records;
 use crate::lifecycle::{self, Ended, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics;
 use anyhow::Context;
 use containerd_client::events::TaskExit;
 use containerd_client::services::v1::events_client::EventsClient;
@@ -50,6 +50,9 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
     runtime.block_on(watch(config, args))
 }
 
+/// How often an unreachable containerd is warned about (retries go on meanwhile).
+const UNAVAILABLE_WARN_EVERY: Duration = Duration::from_secs(600);
+
 /// How often watch looks for containers that a killed arch-runc left frozen
 /// (a directory listing per runc root; `--sweep-secs` if that is shorter).
 const THAW_PERIOD: Duration = Duration::from_secs(2);
@@ -64,7 +67,7 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     if let Some(addr) = args.listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for /metrics"))?;
-        tokio::spawn(serve_metrics(listener, config.clone()));
+        tokio::spawn(serve_metrics(listener));
     }
     if !args.once {
         start_triggers(config);
@@ -78,16 +81,21 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     let thaw_period = period.min(THAW_PERIOD);
     let mut thaw = tokio::time::interval_at(tokio::time::Instant::now() + thaw_period, thaw_period);
     let mut backoff = Duration::from_millis(250);
+    // A host may run watch for Spot notices before (or without) containerd:
+    // one warning, then one every ten minutes while it stays away.
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         match follow(config, &address, args.once, (&mut sweep, &mut thaw), &mut term, &mut int).await {
             Ok(Stop::Signal | Stop::Once) => return Ok(0),
             Err(e) if args.once => {
                 return Err(CtlError::Unavailable(format!("containerd at {}: {e:#}", address.display())).into())
             }
-            Err(e) => {
+            Err(e) if warned.is_none_or(|at| at.elapsed() >= UNAVAILABLE_WARN_EVERY) => {
                 tracing::warn!(target: "arch::watch", address = %address.display(), error = format!("{e:#}"),
                     retry_ms = backoff.as_millis() as u64, "containerd unavailable; reconnecting");
+                warned = Some(tokio::time::Instant::now());
             }
+            Err(e) => tracing::debug!(target: "arch::watch", error = format!("{e:#}"), "containerd still unavailable"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -214,7 +222,7 @@ fn settle(config: &Config, ended: &Ended) {
         Err(e) => {
             tracing::error!(target: "arch::watch", namespace = %ended.namespace, id = %ended.id,
                 error = format!("{e:#}"), "could not settle an exit");
-            Metrics::new(config).count("arch_failures_total", &[], 1);
+            metrics::handle().count(metrics::FAILURES, &[], 1);
         }
     }
 }
@@ -277,10 +285,9 @@ fn runc_says_alive(config: &Config, root: Option<&str>, id: &str) -> bool {
 }
 
 /// A minimal HTTP/1.1 server: `GET /metrics` answers Prometheus text, anything else 404.
-async fn serve_metrics(listener: tokio::net::TcpListener, config: Config) {
+async fn serve_metrics(listener: tokio::net::TcpListener) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else { continue };
-        let config = config.clone();
         tokio::spawn(async move {
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
@@ -294,7 +301,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, config: Config) {
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => match Metrics::new(&config).read() {
+                ("GET", "/metrics") => match metrics::handle().read() {
                     Ok(snapshot) => ("200 OK", snapshot.to_prometheus()),
                     Err(e) => ("500 Internal Server Error", format!("reading metrics: {e}\n")),
                 },

@@ -224,7 +224,7 @@ pub fn recover(config: &Config, runc: &Runc, record: &Path, by: &str) -> Recover
             tracing::warn!(target: "arch::freeze", id = %marker.id, pid = marker.owner.pid,
                 frozen_ms = now_ms().saturating_sub(marker.since_unix_ms), by,
                 "thawed a container that a dead arch-runc had left frozen");
-            crate::metrics::Metrics::new(config).count("arch_thaws_total", &[("by", by)], 1);
+            crate::metrics::Metrics::new(config).count(crate::metrics::THAWS, &[("by", by)], 1);
             Recovery::Thawed
         }
         _ => {

@@ -81,7 +81,8 @@ pub struct Metadata {
     pub leave_running: bool,
     /// CRIU options the dump used, which restore mirrors.
     pub options: CriuOptions,
-    /// Milliseconds per phase: `dump`, `rootfs`, `pack`, `publish`, `freeze`.
+    /// Milliseconds per phase: `dump`, `rootfs`, `pack`, `digest`, `freeze` (validation and
+    /// publication come after this file is written: they are in the log and the histogram).
     pub phases_ms: BTreeMap<String, u64>,
     pub images_bytes: u64,
     /// Size of `images.tar.zst` (network-fs mode).

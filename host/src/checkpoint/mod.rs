@@ -200,7 +200,7 @@ impl Phases {
             .values()
             .zip(&labels)
             .map(|(ms, labels)| {
-                ("arch_phase_duration_seconds", &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
+                (crate::metrics::PHASE_DURATION, &labels[..], crate::metrics::Value::Seconds(*ms as f64 / 1000.0))
             })
             .collect();
         crate::metrics::Metrics::new(config).record(&figures);

@@ -72,7 +72,7 @@ pub fn clean(config: &Config) -> usize {
 }
 
 fn count(config: &Config, kind: &str, n: u64) {
-    crate::metrics::Metrics::new(config).count("arch_leftovers_removed_total", &[("kind", kind)], n);
+    crate::metrics::Metrics::new(config).count(crate::metrics::LEFTOVERS_REMOVED, &[("kind", kind)], n);
 }
 
 /// Removes the pending generations of every key that no checkpoint holds

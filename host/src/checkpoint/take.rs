@@ -381,7 +381,7 @@ fn record_trigger(config: &Config, trigger: &crate::triggers::Trigger, generatio
         "trigger's checkpoint published"
     );
     crate::metrics::Metrics::new(config).observe(
-        "arch_trigger_to_publish_seconds",
+        crate::metrics::TRIGGER_TO_PUBLISH,
         &[("trigger", trigger.kind.name())],
         seconds,
     );

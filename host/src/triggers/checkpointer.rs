@@ -9,7 +9,7 @@ use super::{Trigger, TRIGGER_ENV};
 use crate::checkpoint::key;
 use crate::config::Config;
 use crate::container::{Record, Records};
-use crate::metrics::Metrics;
+use crate::metrics;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -134,12 +134,12 @@ impl Checkpointer {
         if if_busy == IfBusy::Skip && *in_flight > 0 {
             tracing::info!(target: "arch::watch", id = %c.record.id, key = %c.key, trigger = trigger.kind.name(),
                 "a checkpoint of this key is still running: this one is skipped");
-            Metrics::new(&self.config).count("arch_trigger_skips_total", &[("trigger", trigger.kind.name())], 1);
+            metrics::handle().count(metrics::TRIGGER_SKIPS, &[("trigger", trigger.kind.name())], 1);
             return None;
         }
         *in_flight += 1;
         drop(busy);
-        Metrics::new(&self.config).count("arch_triggers_total", &[("trigger", trigger.kind.name())], 1);
+        metrics::handle().count(metrics::TRIGGERS, &[("trigger", trigger.kind.name())], 1);
         let this = self.clone();
         Some(tokio::spawn(async move { this.run(c, trigger, leave_running).await }))
     }
@@ -166,7 +166,7 @@ impl Checkpointer {
             other => {
                 tracing::error!(target: "arch::watch", id, key, trigger = kind, fired_unix_ms = trigger.fired_unix_ms,
                     outcome = ?other, "checkpoint not published");
-                Metrics::new(&self.config).count("arch_trigger_failures_total", &[("trigger", kind)], 1);
+                metrics::handle().count(metrics::TRIGGER_FAILURES, &[("trigger", kind)], 1);
             }
         }
         outcome

@@ -20,6 +20,7 @@
 use super::checkpointer::{Candidate, Checkpointer, IfBusy, Outcome};
 use super::imds::{self, Imds};
 use super::{Kind, Trigger};
+use crate::metrics;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -146,11 +147,7 @@ async fn interruption(checkpointer: &Checkpointer, handled: &mut Handled, notice
         let at = imds::parse_utc(&notice.time);
         tracing::warn!(target: "arch::spot", action = notice.action, time = notice.time,
             ms_left = at.map(|t| t as i64 - now as i64), "Spot interruption notice");
-        crate::metrics::Metrics::new(checkpointer.config()).count(
-            "arch_spot_notices_total",
-            &[("notice", "interruption")],
-            1,
-        );
+        metrics::handle().count(metrics::SPOT_NOTICES, &[("notice", "interruption")], 1);
     }
     let fired =
         Trigger { kind: Kind::SpotInterruption, fired_unix_ms: handled.interruption_seen_unix_ms.unwrap_or(now) };
@@ -193,7 +190,7 @@ async fn recommendation(checkpointer: &Checkpointer, handled: &mut Handled, noti
     let candidates = candidates(checkpointer).await;
     tracing::warn!(target: "arch::spot", notice_time = notice.notice_time, containers = candidates.len(),
         "Spot rebalance recommendation: checkpointing every running ARCH container");
-    crate::metrics::Metrics::new(checkpointer.config()).count("arch_spot_notices_total", &[("notice", "rebalance")], 1);
+    metrics::handle().count(metrics::SPOT_NOTICES, &[("notice", "rebalance")], 1);
     let fired = Trigger::now(Kind::SpotRebalance);
     for c in candidates {
         checkpointer.start(c, fired, true, IfBusy::Skip);

@@ -299,7 +299,7 @@ impl checkpoints::Host for HostState {
                 tracing::error!(id = %ctx.id, key = %location.key, error = %e, "checkpoint not published");
                 if let Some(metrics) = ctx.metrics.as_ref().filter(|_| ctx.trigger.kind != crate::triggers::Kind::Runc)
                 {
-                    metrics.count("arch_trigger_failures_total", &[("trigger", ctx.trigger.kind.name())], 1);
+                    metrics.count(crate::metrics::TRIGGER_FAILURES, &[("trigger", ctx.trigger.kind.name())], 1);
                 }
                 Err(wit_checkpoint_error(e))
             }

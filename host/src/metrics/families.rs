@@ -1,0 +1,152 @@
+//! Every metric family ARCH writes, named once: call sites count through
+//! these constants, so a family cannot be written without a type and help
+//! text, and [`FAMILIES`] (Prometheus' HELP and TYPE lines, the reference's
+//! table, the dashboard's queries) cannot miss one.
+
+/// A metric family: its Prometheus name, type and help text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+/// A family's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    /// Durations in seconds, in the buckets of [`super::BUCKETS`].
+    Histogram,
+}
+
+impl Kind {
+    /// As Prometheus' `# TYPE` line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+const fn counter(name: &'static str, help: &'static str) -> Family {
+    Family { name, kind: Kind::Counter, help }
+}
+
+const fn histogram(name: &'static str, help: &'static str) -> Family {
+    Family { name, kind: Kind::Histogram, help }
+}
+
+pub const CHECKPOINT_ATTEMPTS: Family = counter("arch_checkpoint_attempts_total", "Checkpoint requests ARCH handled.");
+pub const CHECKPOINT_SUCCESSES: Family =
+    counter("arch_checkpoint_successes_total", "Checkpoints published as a new generation.");
+pub const CHECKPOINT_FAILURES: Family =
+    counter("arch_checkpoint_failures_total", "Checkpoints not published, by reason (runc, incomplete, not_run).");
+pub const CHECKPOINT_BYTES: Family =
+    counter("arch_checkpoint_bytes_total", "Bytes checkpointed, by part (images, rootfs).");
+pub const RESTORE_ATTEMPTS: Family = counter("arch_restore_attempts_total", "Generations ARCH tried to restore.");
+pub const RESTORE_SUCCESSES: Family = counter("arch_restore_successes_total", "Containers restored from a checkpoint.");
+pub const RESTORE_FAILURES: Family =
+    counter("arch_restore_failures_total", "Restores of a valid generation that failed.");
+pub const GENERATIONS_SKIPPED: Family =
+    counter("arch_generations_skipped_total", "Generations not tried at create, by reason (invalid, incompatible).");
+pub const RESTORE_FALLBACKS: Family =
+    counter("arch_restore_fallbacks_total", "Creates whose checkpoints all failed, by outcome (fresh, fail).");
+pub const FRESH_STARTS: Family = counter("arch_fresh_starts_total", "ARCH-enabled creates that started fresh.");
+pub const QUARANTINES: Family = counter("arch_quarantines_total", "Generations set aside after failing to restore.");
+pub const REFUSED_KEYS: Family =
+    counter("arch_refused_keys_total", "Containers whose checkpoint key or mode was refused.");
+pub const MODULE_FAILURES: Family = counter(
+    "arch_module_failures_total",
+    "Handler modules that trapped, ran out of fuel or memory, or asked for too much.",
+);
+pub const MODULE_REFUSALS: Family =
+    counter("arch_module_refusals_total", "Module overrides refused (ownership, mode, symlink).");
+pub const CONFIG_REFUSALS: Family = counter(
+    "arch_config_refusals_total",
+    "Calls made as plain runc because the host config or its runc was refused (ownership, mode, symlink).",
+);
+pub const FAILURES: Family =
+    counter("arch_failures_total", "Failures of ARCH's own machinery that made a call fall back to plain runc.");
+pub const HANDLED: Family =
+    counter("arch_handled_total", "runc calls of ARCH-enabled containers run through a handler module, by command.");
+pub const PASSTHROUGH: Family = counter("arch_passthrough_total", "runc calls passed straight to runc, by command.");
+pub const EXITS: Family =
+    counter("arch_exits_total", "Exits of ARCH-enabled containers seen by archctl watch, by outcome.");
+pub const CHECKPOINTS_REMOVED: Family =
+    counter("arch_checkpoints_removed_total", "Checkpoint keys or generations removed, by reason.");
+pub const MODULE_EVENTS: Family = counter("arch_module_events_total", "Counters of custom modules, by name.");
+pub const THAWS: Family = counter(
+    "arch_thaws_total",
+    "Containers a killed arch-runc had left frozen, thawed, by who thawed them (arch-runc, watch).",
+);
+pub const LEFTOVERS_REMOVED: Family = counter(
+    "arch_leftovers_removed_total",
+    "Scratch of killed checkpoints and restores removed, by kind (staging, restore, freeze, pending).",
+);
+pub const PHASE_DURATION: Family =
+    histogram("arch_phase_duration_seconds", "Duration of checkpoint and restore phases, by operation and phase.");
+pub const TRIGGERS: Family = counter(
+    "arch_triggers_total",
+    "Checkpoints asked for, by trigger (runc, stop, interval, spot-rebalance, spot-interruption).",
+);
+pub const TRIGGER_SKIPS: Family =
+    counter("arch_trigger_skips_total", "Triggered checkpoints skipped because one of the same key was still running.");
+pub const TRIGGER_FAILURES: Family =
+    counter("arch_trigger_failures_total", "Triggered checkpoints that published nothing, by trigger.");
+pub const TRIGGER_TO_PUBLISH: Family =
+    histogram("arch_trigger_to_publish_seconds", "From a trigger firing to its generation's publication, by trigger.");
+pub const SPOT_NOTICES: Family =
+    counter("arch_spot_notices_total", "Spot notices seen by archctl watch, by notice (interruption, rebalance).");
+
+/// Every family, in the order of the Prometheus exposition.
+pub const FAMILIES: &[Family] = &[
+    CHECKPOINT_ATTEMPTS,
+    CHECKPOINT_SUCCESSES,
+    CHECKPOINT_FAILURES,
+    CHECKPOINT_BYTES,
+    RESTORE_ATTEMPTS,
+    RESTORE_SUCCESSES,
+    RESTORE_FAILURES,
+    GENERATIONS_SKIPPED,
+    RESTORE_FALLBACKS,
+    FRESH_STARTS,
+    QUARANTINES,
+    REFUSED_KEYS,
+    MODULE_FAILURES,
+    MODULE_REFUSALS,
+    CONFIG_REFUSALS,
+    FAILURES,
+    HANDLED,
+    PASSTHROUGH,
+    EXITS,
+    CHECKPOINTS_REMOVED,
+    MODULE_EVENTS,
+    THAWS,
+    LEFTOVERS_REMOVED,
+    PHASE_DURATION,
+    TRIGGERS,
+    TRIGGER_SKIPS,
+    TRIGGER_FAILURES,
+    TRIGGER_TO_PUBLISH,
+    SPOT_NOTICES,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_prometheus_style() {
+        for (i, f) in FAMILIES.iter().enumerate() {
+            assert!(FAMILIES[..i].iter().all(|g| g.name != f.name), "{} twice", f.name);
+            assert!(f.name.starts_with("arch_"), "{}", f.name);
+            let suffix = match f.kind {
+                Kind::Counter => "_total",
+                Kind::Histogram => "_seconds",
+            };
+            assert!(f.name.ends_with(suffix), "{} is a {}", f.name, f.kind.name());
+            assert!(f.help.ends_with('.') && !f.help.contains('\n'), "{}", f.name);
+        }
+    }
+}
