@@ -87,7 +87,7 @@ impl Harness {
             state_dir: self.dir.path().to_path_buf(),
             ..Default::default()
         };
-        let mut ctx = CallContext::new(inv, record, record_path, config, PathBuf::from("/bin/false"))
+        let mut ctx = CallContext::new(inv, record, record_path, config, arch::runc::Runc::at("/bin/false"))
             .with_runner(Box::new(recorder.clone()))
             .with_metrics(arch::metrics::Metrics::at(self.dir.path()));
         ctx.scope =

@@ -24,6 +24,19 @@ pub enum Mode {
     NetworkFs,
 }
 
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Basic, Mode::NetworkFs];
+
+    /// Its name everywhere ARCH writes or reads one: the config (serde's
+    /// kebab-case), `ARCH_CHECKPOINT_MODE`, metadata, archctl.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Basic => "basic",
+            Mode::NetworkFs => "network-fs",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
@@ -215,6 +228,13 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mode_names_are_the_configs() {
+        for mode in Mode::ALL {
+            assert_eq!(serde_json::to_value(mode).unwrap(), mode.as_str());
+        }
+    }
 
     #[test]
     fn every_key_is_optional() {

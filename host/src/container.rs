@@ -1,13 +1,14 @@
 //! What ARCH knows about a container: its namespace, whether it is
 //! ARCH-enabled (from the bundle's config.json), and ARCH's own record of it.
 //!
-//! The record is written at `create` for ARCH-enabled containers only, so every
-//! later subcommand learns "not ARCH's business" from one failed `stat`.
+//! The record is written at `create` for ARCH-enabled containers only
+//! ([`Records::register`]), so every later subcommand learns "not ARCH's
+//! business" from one failed `stat`.
 
 use crate::argv::is_valid_id;
+use crate::util::fs::{create_private_dir, remove_if_present, replace_json};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// containerd's namespace for a runc `--root`: `/run/containerd/runc/<ns>`,
@@ -33,6 +34,12 @@ pub fn namespace_from_bundle(bundle: &Path) -> Option<&str> {
 /// The value of `name` in a container's env; the last one wins, as in execve.
 pub fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
     env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The namespace of a container being created: containerd's (or Docker's)
+/// for its runc root, else containerd's from its bundle path, else `default`.
+pub fn namespace_of(root: Option<&str>, bundle: &Path) -> String {
+    root.and_then(namespace_from_root).or_else(|| namespace_from_bundle(bundle)).unwrap_or("default").to_owned()
 }
 
 /// `ARCH_ENABLE` set to `1`, `true` or `yes`, in any case.
@@ -105,6 +112,18 @@ pub struct Record {
     /// would replay the shutdown at every attempt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signalled_unix_ms: Option<u64>,
+}
+
+/// Why a `create` does not make the container ARCH's.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("not ARCH-enabled")]
+    NotEnabled,
+    /// The container is ARCH-enabled, but its record could not be written.
+    #[error("writing ARCH's record: {0}")]
+    Store(#[source] std::io::Error),
 }
 
 /// A container's end, and what was done with its checkpoints.
@@ -206,7 +225,7 @@ impl Records {
         let moved = to.parent().map_or(Ok(()), create_private_dir).and_then(|()| std::fs::rename(&legacy, to));
         match moved {
             Ok(()) => {
-                let _ = remove_if_present(&legacy.with_extension("lock"));
+                let _ = remove_if_present(&Self::lock_path(&legacy));
                 tracing::info!(from = %legacy.display(), to = %to.display(), "ARCH record moved to its root's directory");
                 true
             }
@@ -215,6 +234,40 @@ impl Records {
                 false
             }
         }
+    }
+
+    /// Takes on a container at its `create` if its bundle's config.json
+    /// enables ARCH: writes its record at `path` (from [`Records::path`]),
+    /// before any module runs, so that every later call on it is routed to ARCH.
+    pub fn register(
+        path: &Path,
+        namespace: String,
+        id: String,
+        bundle: PathBuf,
+        runc_root: Option<String>,
+    ) -> Result<Record, RegisterError> {
+        let facts = BundleFacts::load(&bundle)?;
+        if !arch_enabled(&facts.env) {
+            return Err(RegisterError::NotEnabled);
+        }
+        let record = Record {
+            namespace,
+            id,
+            bundle,
+            facts,
+            notes: Default::default(),
+            runc_root,
+            exit: None,
+            stop_signalled_unix_ms: None,
+        };
+        Records::store(path, &record).map_err(RegisterError::Store)?;
+        Ok(record)
+    }
+
+    /// The file whose `flock` serializes ARCH's handling of the container of
+    /// record `path` (`<id>.lock` beside it); it goes with the record.
+    pub fn lock_path(path: &Path) -> PathBuf {
+        path.with_extension("lock")
     }
 
     pub fn load(path: &Path) -> std::io::Result<Option<Record>> {
@@ -235,7 +288,7 @@ impl Records {
         remove_if_present(path)
     }
 
-    /// Drops the record and its lock file (see `dispatch::lock`): the
+    /// Drops the record and its lock file ([`Records::lock_path`]): the
     /// container is no longer ARCH's. The record moves to
     /// `<state_dir>/ended/<root dir>/<id>.json`, for `archctl watch` to settle
     /// its checkpoints once it knows how the container exited.
@@ -250,7 +303,7 @@ impl Records {
             }
         }
         remove_if_present(path)?;
-        remove_if_present(&path.with_extension("lock"))
+        remove_if_present(&Self::lock_path(path))
     }
 
     /// Every record, live (`containers/`) and ended (`ended/`), by path.
@@ -320,63 +373,6 @@ fn ended_path(live: &Path) -> Option<PathBuf> {
     let ns_dir = live.parent()?;
     let state_dir = ns_dir.parent()?.parent()?;
     Some(state_dir.join("ended").join(ns_dir.file_name()?).join(live.file_name()?))
-}
-
-/// Removes a file; one already gone is fine.
-pub(crate) fn remove_if_present(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// `mkdir -p` with mode 0700 for what it creates.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
-
-/// Opens (creating if needed) `path` and takes a `flock` on it (`how`:
-/// `LOCK_EX` or `LOCK_SH`, optionally `| LOCK_NB`), held until the file is closed.
-pub fn lock_file(path: &Path, how: libc::c_int) -> std::io::Result<std::fs::File> {
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-    // SAFETY: flock on a valid, open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), how) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file)
-}
-
-/// Replaces `path` with `value` as JSON, atomically (a 0600 temp file
-/// beside it, then `rename`): readers see the old file or the new one.
-pub fn replace_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    replace_json_with(path, value, false)
-}
-
-/// As [`replace_json`], with the new content on disk before the rename, for
-/// files whose loss after a crash would lose data (the metrics snapshot).
-pub fn replace_json_durably(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    replace_json_with(path, value, true)
-}
-
-fn replace_json_with(path: &Path, value: &impl Serialize, durable: bool) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut f = private_file(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    if durable {
-        f.sync_all()?;
-    }
-    drop(f);
-    std::fs::rename(&tmp, path)
-}
-
-/// A new file (truncated if present) with mode 0600.
-pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
 #[cfg(test)]
@@ -471,6 +467,40 @@ mod tests {
         assert!(ended.starts_with(d.path().join("ended")));
         assert_eq!(r.find("other-ns", "c1"), None);
         assert_eq!(r.all().len(), 2);
+    }
+
+    #[test]
+    fn a_create_registers_only_an_enabled_container() {
+        let d = tempfile::tempdir().unwrap();
+        let bundle = |name: &str, env: &[&str]| {
+            let dir = d.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = serde_json::json!({
+                "ociVersion": "1.0.2",
+                "process": { "cwd": "/", "args": ["sh"], "env": env, "user": { "uid": 0, "gid": 0 } },
+                "root": { "path": "rootfs" },
+            });
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            dir
+        };
+        let records = Records::new(&d.path().join("state"));
+        let root = "/run/containerd/runc/ns";
+        let register = |id: &str, bundle: PathBuf| {
+            let path = records.path(Some(root), id).unwrap();
+            (Records::register(&path, "ns".into(), id.into(), bundle, Some(root.into())), path)
+        };
+        let (registered, path) = register("on", bundle("on", &["ARCH_ENABLE=yes", "A=1"]));
+        let record = registered.unwrap();
+        assert_eq!(Records::load(&path).unwrap(), Some(record.clone()));
+        assert_eq!((record.runc_root.as_deref(), record.exit, record.notes.len()), (Some(root), None, 0));
+        assert_eq!(env_value(&record.facts.env, "A"), Some("1"));
+        let (off, path) = register("off", bundle("off", &["ARCH_ENABLE=0"]));
+        assert!(matches!(off, Err(RegisterError::NotEnabled)) && !path.exists());
+        let (unreadable, path) = register("gone", d.path().join("no-bundle"));
+        assert!(matches!(unreadable, Err(RegisterError::Bundle(_))) && !path.exists());
+        assert_eq!(namespace_of(Some(root), Path::new("/b")), "ns");
+        assert_eq!(namespace_of(None, Path::new("/run/containerd/io.containerd.runtime.v2.task/k8s.io/c")), "k8s.io");
+        assert_eq!(namespace_of(None, Path::new("/b")), "default");
     }
 
     #[test]

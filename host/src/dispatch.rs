@@ -17,11 +17,12 @@
 use crate::argv::{self, Invocation};
 use crate::checkpoint::freeze;
 use crate::config::Config;
-use crate::container::{self, BundleFacts, Record, Records};
+use crate::container::{self, Record, Records, RegisterError};
 use crate::metrics::{self, Family};
 use crate::modules::{self, Origin};
-use crate::runc;
+use crate::runc::{self, Runc};
 use crate::triggers::{self, Kind, Trigger};
+use crate::util::{lock, time};
 use crate::wasm::{self, CallContext, Decision, Limits};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -82,8 +83,8 @@ enum Route {
 
 impl Call {
     fn run(mut self) -> i32 {
-        let runc = match runc::find(self.config.runc.as_deref()) {
-            Ok(runc) => runc,
+        let runc = match Runc::find(self.config.runc.as_deref()) {
+            Ok(runc) => runc.with_globals(self.inv.global_argv()),
             Err(e) => return self.fail(&e.to_string(), "no runc"),
         };
         let route = self.route(&runc);
@@ -104,7 +105,7 @@ impl Call {
     }
 
     /// Decides, as cheaply as possible, whether ARCH handles this call.
-    fn route(&mut self, runc: &Path) -> Route {
+    fn route(&mut self, runc: &Runc) -> Route {
         if !self.report.reason.is_empty() {
             // Already decided: a refused config or a non-UTF-8 argv.
             return Route::PassThrough(self.report.reason);
@@ -145,12 +146,7 @@ impl Call {
             };
         }
         let bundle = absolute(Path::new(inv.flag("bundle").unwrap_or(".")));
-        let namespace = inv
-            .global("root")
-            .and_then(container::namespace_from_root)
-            .or_else(|| container::namespace_from_bundle(&bundle))
-            .unwrap_or("default")
-            .to_owned();
+        let namespace = container::namespace_of(inv.global("root"), &bundle);
         self.report.namespace = namespace.clone();
         if record_path.exists() {
             // runc still has a container of this id in this root: it will
@@ -158,46 +154,36 @@ impl Call {
             // runc keeps each container's state in `<root>/<id>/`: without it, runc
             // does not know the id, and asking it (a Go start, ~5 ms) can be skipped.
             let known = container::clean_root(inv.global("root")).join(&id).exists();
-            if let Some(status) = known.then(|| runc::status(runc, inv.global("root"), &id)).flatten() {
+            if let Some(status) = known.then(|| runc.status(&id)).flatten() {
                 tracing::info!(id, status, "create of an existing container: runc decides, its ARCH record stays");
                 return Route::PassThrough("container exists");
             }
             // Left by an earlier container of this id that runc no longer
             // knows: it must not route this one, whatever happens next.
             let removed = Records::remove(&record_path)
-                .and_then(|()| container::remove_if_present(&freeze::marker_path(&record_path)));
+                .and_then(|()| crate::util::fs::remove_if_present(&freeze::marker_path(&record_path)));
             if let Err(e) = removed {
                 tracing::warn!(id, error = %e, "could not remove a stale ARCH record");
             }
         }
-        let facts = match BundleFacts::load(&bundle) {
-            Ok(facts) => facts,
-            Err(e) => {
-                tracing::warn!(id, error = %e, "config.json unreadable; passing through");
-                return Route::PassThrough("config.json unreadable");
-            }
-        };
-        if !container::arch_enabled(&facts.env) {
-            return Route::PassThrough("not ARCH-enabled");
-        }
-        self.report.arch_enabled = true;
         let runc_root = inv.global("root").map(str::to_owned);
-        let record = Record {
-            namespace,
-            id,
-            bundle,
-            facts,
-            notes: Default::default(),
-            runc_root,
-            exit: None,
-            stop_signalled_unix_ms: None,
-        };
-        if let Err(e) = Records::store(&record_path, &record) {
-            tracing::error!(id = %record.id, error = %e, "could not write ARCH record; passing through");
-            self.count(metrics::FAILURES);
-            return Route::PassThrough("could not write ARCH record");
+        match Records::register(&record_path, namespace, id, bundle, runc_root) {
+            Ok(_) => {
+                self.report.arch_enabled = true;
+                Route::Handle(record_path)
+            }
+            Err(RegisterError::Bundle(e)) => {
+                tracing::warn!(id = %self.report.id, error = %e, "config.json unreadable; passing through");
+                Route::PassThrough("config.json unreadable")
+            }
+            Err(RegisterError::NotEnabled) => Route::PassThrough("not ARCH-enabled"),
+            Err(RegisterError::Store(e)) => {
+                self.report.arch_enabled = true;
+                tracing::error!(id = %self.report.id, error = %e, "could not write ARCH record; passing through");
+                self.count(metrics::FAILURES);
+                Route::PassThrough("could not write ARCH record")
+            }
         }
-        Route::Handle(record_path)
     }
 
     /// The signal of a `kill` call (`None`: runc's default, SIGTERM).
@@ -212,12 +198,13 @@ impl Call {
     }
 
     /// Runs the subcommand's module and carries out its decision.
-    fn handle(&mut self, runc: &Path, record_path: PathBuf) -> i32 {
+    fn handle(&mut self, runc: &Runc, record_path: PathBuf) -> i32 {
         let sub = self.inv.subcommand.unwrap_or_default();
         let deadline = (sub == "kill").then(|| self.stop_deadline());
+        // One call at a time per container: held until exit, or until exec closes it.
         let locked = match deadline {
-            None => lock(&record_path).map(Some),
-            Some(deadline) => lock_until(&record_path, deadline),
+            None => lock::lock_file(&Records::lock_path(&record_path), libc::LOCK_EX).map(Some),
+            Some(deadline) => lock::lock_until(&Records::lock_path(&record_path), deadline),
         };
         let _lock = match locked {
             Ok(Some(lock)) => lock,
@@ -246,7 +233,7 @@ impl Call {
                 None => return self.exec(runc, None),
             },
             "checkpoint" => {
-                let trigger = Trigger::of_checkpoint_call(crate::checkpoint::catalog::now_ms());
+                let trigger = Trigger::of_checkpoint_call(time::now_ms());
                 if trigger.kind == Kind::Runc {
                     self.count_trigger(Kind::Runc);
                 }
@@ -264,7 +251,7 @@ impl Call {
             Origin::Builtin => format!("builtin:{}", &module.digest[..12]),
             Origin::Override(p) => format!("{}:{}", p.display(), &module.digest[..12]),
         };
-        let ctx = CallContext::new(self.inv.clone(), record, record_path, self.config.clone(), runc.to_path_buf())
+        let ctx = CallContext::new(self.inv.clone(), record, record_path, self.config.clone(), runc.clone())
             .with_trigger(trigger, deadline);
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
         let (result, ctx) = match self.run_module(&module, ctx, limits) {
@@ -299,7 +286,7 @@ impl Call {
             return None;
         }
         let mut stopping = record.clone();
-        stopping.stop_signalled_unix_ms = Some(crate::checkpoint::catalog::now_ms());
+        stopping.stop_signalled_unix_ms = Some(time::now_ms());
         if let Err(e) = Records::store(record_path, &stopping) {
             tracing::warn!(id = %record.id, error = %e, "could not note the stop in ARCH's record");
         }
@@ -307,7 +294,7 @@ impl Call {
             return None;
         }
         self.count_trigger(Kind::Stop);
-        Some(Trigger { kind: Kind::Stop, fired_unix_ms: now_unix_ms(self.started) })
+        Some(Trigger { kind: Kind::Stop, fired_unix_ms: time::unix_ms_at(self.started) })
     }
 
     fn count_trigger(&self, kind: Kind) {
@@ -316,7 +303,7 @@ impl Call {
 
     /// A pass-through call on a container that a dead arch-runc left frozen
     /// thaws it first; otherwise this costs one failed `stat`.
-    fn thaw_if_left_frozen(&self, runc: &Path, sub: &str) {
+    fn thaw_if_left_frozen(&self, runc: &Runc, sub: &str) {
         let Some(id) = self.inv.container_id.as_deref() else { return };
         let Some(record) = Records::new(&self.config.state_dir).path(self.inv.global("root"), id) else { return };
         if freeze::marker_path(&record).symlink_metadata().is_ok() {
@@ -349,7 +336,7 @@ impl Call {
 
     /// Behaves as plain runc would: if the handler already ran runc with the
     /// original arguments, its status is the answer; otherwise exec runc.
-    fn fail_open(&mut self, runc: &Path, ran_original: Option<i32>, reason: &'static str) -> i32 {
+    fn fail_open(&mut self, runc: &Runc, ran_original: Option<i32>, reason: &'static str) -> i32 {
         self.report.reason = reason;
         match ran_original {
             Some(status) => self.finish(status, "fail-open: runc already ran"),
@@ -358,7 +345,7 @@ impl Call {
     }
 
     /// Execs runc with the original argv (`None`) or with `argv`.
-    fn exec(&mut self, runc: &Path, argv: Option<Vec<String>>) -> i32 {
+    fn exec(&mut self, runc: &Runc, argv: Option<Vec<String>>) -> i32 {
         let args: Vec<OsString> = match &argv {
             Some(argv) => argv.iter().map(OsString::from).collect(),
             None => self.args.clone(),
@@ -367,7 +354,7 @@ impl Call {
             self.report.decision = "pass-through".into();
         }
         self.log_invocation(Some(&args), "exec");
-        let e = runc::exec(runc, &args);
+        let e = runc.exec(&args);
         tracing::error!(error = %e, "exec of the real runc failed");
         self.fail(&e.to_string(), "exec failed")
     }
@@ -416,31 +403,4 @@ fn absolute(path: &Path) -> PathBuf {
     } else {
         std::env::current_dir().map(|cwd| cwd.join(path)).unwrap_or_else(|_| path.to_path_buf())
     }
-}
-
-/// The wall-clock time of an `Instant` of this process.
-fn now_unix_ms(at: Instant) -> u64 {
-    crate::checkpoint::catalog::now_ms().saturating_sub(at.elapsed().as_millis() as u64)
-}
-
-/// As [`lock`], giving up at `deadline` (`None`).
-fn lock_until(record_path: &Path, deadline: Instant) -> std::io::Result<Option<std::fs::File>> {
-    let path = record_path.with_extension("lock");
-    loop {
-        match container::lock_file(&path, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(file) => return Ok(Some(file)),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
-            Err(e) => return Err(e),
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-/// Serializes ARCH's handling of one container: an exclusive `flock` on a
-/// file beside its record, held until exit (or until exec closes it).
-fn lock(record_path: &Path) -> std::io::Result<std::fs::File> {
-    container::lock_file(&record_path.with_extension("lock"), libc::LOCK_EX)
 }

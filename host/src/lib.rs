@@ -4,13 +4,15 @@
 //! - what runc was asked: [`argv`];
 //! - whether ARCH handles it, and how: [`dispatch`];
 //! - the per-subcommand policy: `modules/<subcommand>/src/lib.rs` (WebAssembly);
-//! - what a module may ask of the host: [`wasm`] (capabilities);
+//! - what a module may ask of the host: [`wasm`] (both WIT versions, a call's `Scope`);
 //! - which module runs: [`modules`] (builtin or operator override);
 //! - whether a file that steers root (config, runc, module) is root's alone: [`trust`];
-//! - checkpoints on disk: [`checkpoint`] (take, restore, store, catalog);
+//! - checkpoints on disk: [`checkpoint`] (its phases: take, verify, compat, restore; store, catalog);
+//! - the real runc, as every caller runs it: [`runc::Runc`];
 //! - checkpoints ARCH takes by itself (Spot notices, stops, intervals): [`triggers`];
 //! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);
-//! - counters and durations: [`metrics`].
+//! - counters and durations: [`metrics`];
+//! - plumbing with no ARCH domain in it (files, locks, time): [`util`].
 
 pub mod archctl;
 pub mod argv;
@@ -25,4 +27,5 @@ pub mod modules;
 pub mod runc;
 pub mod triggers;
 pub mod trust;
+pub mod util;
 pub mod wasm;

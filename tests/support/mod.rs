@@ -187,6 +187,84 @@ exit "${{FAKE_RUNC_EXIT:-0}}"
     path
 }
 
+/// A fake runc that plays CRIU's part, for the mechanism without root or
+/// CRIU. Each call is a line of `<dir>/calls` (its argv; then `image <path>`
+/// with where `--image-path` really is). Files in `<dir>` steer it:
+///
+/// - `checkpoint`: writes image files (`inventory.img`, `pages-1.img`,
+///   `core-1.img`, and `fake-dump.img` saying `dump <n>`, the n-th dump) and
+///   a `dump.log` in `--work-path` ending with CRIU's success line; with
+///   `dump-fails` it logs CRIU's failure line instead (and exits 0, as a
+///   runc that lost CRIU's status would); with `checkpoint-exit` it exits
+///   with that status; with `dump-sleep` it sleeps that many seconds first.
+/// - `restore`: needs `inventory.img` in `--image-path`, copies its
+///   `fake-dump.img` to `<dir>/restored`; `restore-fails` makes the next
+///   restore fail (the file goes).
+/// - `state`: `{"status": <content of status>}`, or unknown without `status`.
+/// - `pause`, `resume`: succeed.
+pub fn criu_runc(dir: &Path) -> PathBuf {
+    let path = dir.join("criu-runc");
+    let script = format!(
+        r#"#!/bin/sh
+dir={dir}
+echo "$*" >> "$dir/calls"
+sub= img= work= id=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root|--log|--log-format|--criu) [ -z "$sub" ] && shift ;;
+    --image-path) img=$2; shift ;;
+    --work-path) work=$2; shift ;;
+    --bundle|--pid-file|--console-socket) shift ;;
+    -*) ;;
+    *) if [ -z "$sub" ]; then sub=$1; else id=$1; fi ;;
+  esac
+  shift
+done
+[ -n "$img" ] && echo "image $(readlink -f "$img")" >> "$dir/calls"
+case "$sub" in
+  state)
+    [ -f "$dir/status" ] || exit 1
+    printf '{{"ociVersion":"1.0.2","id":"%s","status":"%s"}}\n' "$id" "$(cat "$dir/status")" ;;
+  pause|resume) ;;
+  checkpoint)
+    [ -f "$dir/dump-sleep" ] && sleep "$(cat "$dir/dump-sleep")"
+    if [ -f "$dir/checkpoint-exit" ]; then
+      echo "(00.010000) Error (criu/cr-dump.c:2093): Dumping FAILED." > "$work/dump.log"
+      exit "$(cat "$dir/checkpoint-exit")"
+    fi
+    n=$(( $(cat "$dir/dumps" 2>/dev/null || echo 0) + 1 ))
+    echo $n > "$dir/dumps"
+    printf 'inventory' > "$img/inventory.img"
+    head -c 65536 /dev/zero > "$img/pages-1.img"
+    printf 'core of %s' "$id" > "$img/core-1.img"
+    echo "dump $n" > "$img/fake-dump.img"
+    {{
+      echo "(00.000000) Version: 4.1 (gitid 0)"
+      echo "(00.000100) Dumping processes (pid: 4242 comm: sh)"
+      if [ -f "$dir/dump-fails" ]; then
+        echo "(00.020000) Error (criu/cr-dump.c:2093): Dumping FAILED."
+      else
+        echo "(00.020000) Dumping finished successfully"
+      fi
+    }} > "$work/dump.log" ;;
+  restore)
+    [ -f "$img/inventory.img" ] || exit 1
+    if [ -f "$dir/restore-fails" ]; then
+      rm "$dir/restore-fails"
+      echo "(00.030000) Error (criu/cr-restore.c:2447): Restoring FAILED." > "$work/restore.log"
+      exit 1
+    fi
+    cp "$img/fake-dump.img" "$dir/restored" ;;
+esac
+exit 0
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 /// The calls the fake runc recorded, in order: (argv, proc facts).
 pub fn fake_calls(dir: &Path) -> Vec<(Vec<String>, String)> {
     let calls = dir.join("calls");

@@ -43,7 +43,7 @@ struct Removal {
 }
 
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
-    let now = catalog::now_ms();
+    let now = crate::util::time::now_ms();
     let mut plan: Vec<Plan> = Vec::new();
     let mut removals = Vec::new();
     for location in catalog::keys(config).context("listing checkpoint keys")? {

@@ -67,7 +67,7 @@ fn describe(s: &Summary) -> String {
 }
 
 fn until(unix_ms: u64) -> String {
-    let now = catalog::now_ms();
+    let now = crate::util::time::now_ms();
     if unix_ms <= now {
         "at the next sweep".into()
     } else {

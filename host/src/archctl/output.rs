@@ -46,7 +46,7 @@ pub fn bytes(n: u64) -> String {
 /// `3m ago`, `2h ago`, `5d ago`; `-` when unknown.
 pub fn age(unix_ms: Option<u64>) -> String {
     let Some(ms) = unix_ms else { return "-".into() };
-    let secs = crate::checkpoint::catalog::now_ms().saturating_sub(ms) / 1000;
+    let secs = crate::util::time::now_ms().saturating_sub(ms) / 1000;
     match secs {
         0..60 => format!("{secs}s ago"),
         60..3600 => format!("{}m ago", secs / 60),

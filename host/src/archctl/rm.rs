@@ -22,13 +22,13 @@ pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
         bar.finish_and_clear();
         metrics::handle().count(metrics::CHECKPOINTS_REMOVED, &[("reason", "rm")], 1);
         removed.push(serde_json::json!({
-            "key": location.key, "mode": catalog::mode_name(location.mode), "generations": count, "bytes": bytes,
+            "key": location.key, "mode": location.mode.as_str(), "generations": count, "bytes": bytes,
         }));
         if !args.json {
             println!(
                 "removed {} ({}, {count} generation(s), {})",
                 location.key,
-                catalog::mode_name(location.mode),
+                location.mode.as_str(),
                 output::bytes(bytes)
             );
         }

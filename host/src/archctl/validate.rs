@@ -48,10 +48,10 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
         let outcome = catalog::validate_deep(&gen, config);
         results.push(Checked {
             key: location.key.clone(),
-            mode: catalog::mode_name(location.mode),
+            mode: location.mode.as_str(),
             generation: gen.name,
             valid: outcome.is_ok(),
-            problem: outcome.err(),
+            problem: outcome.err().map(|e| e.to_string()),
         });
         bar.inc(1);
     }

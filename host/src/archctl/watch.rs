@@ -230,7 +230,7 @@ fn settle(config: &Config, ended: &Ended) {
 fn timestamp_ms(t: Option<&prost_types::Timestamp>) -> u64 {
     match t {
         Some(t) if t.seconds > 0 => t.seconds as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000,
-        _ => crate::checkpoint::catalog::now_ms(),
+        _ => crate::util::time::now_ms(),
     }
 }
 
@@ -252,14 +252,14 @@ async fn reconcile(config: &Config, channel: Channel) {
                     (Some(p.exit_status), timestamp_ms(p.exited_at.as_ref()))
                 }
                 Some(_) => continue,
-                None => (None, crate::checkpoint::catalog::now_ms()),
+                None => (None, crate::util::time::now_ms()),
             },
             Err(s) if s.code() == Code::NotFound => {
                 // containerd no longer knows the task; runc may still.
                 if !ended && runc_says_alive(config, record.runc_root.as_deref(), &record.id) {
                     continue;
                 }
-                (None, crate::checkpoint::catalog::now_ms())
+                (None, crate::util::time::now_ms())
             }
             Err(s) => {
                 tracing::warn!(target: "arch::watch", id = %record.id, error = %s, "task state unknown; not reconciled");
@@ -280,9 +280,8 @@ async fn reconcile(config: &Config, channel: Channel) {
 
 /// Whether `runc state` reports the container as created, running or paused.
 fn runc_says_alive(config: &Config, root: Option<&str>, id: &str) -> bool {
-    let Ok(runc) = crate::runc::find(config.runc.as_deref()) else { return false };
-    crate::runc::status(&runc, root, id)
-        .is_some_and(|s| matches!(s.as_str(), "created" | "running" | "paused" | "pausing"))
+    let Ok(runc) = crate::runc::Runc::find(config.runc.as_deref()) else { return false };
+    runc.with_root(root).status(id).is_some_and(|s| matches!(s.as_str(), "created" | "running" | "paused" | "pausing"))
 }
 
 /// A minimal HTTP/1.1 server: `GET /metrics` answers Prometheus text, anything else 404.

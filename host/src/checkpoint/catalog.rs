@@ -6,13 +6,10 @@ use super::metadata::Metadata;
 use super::store::{Completed, Generation, Store};
 use super::untrusted::Pinned;
 use crate::config::{Config, Mode};
+use crate::util::fs::tree_bytes;
+use crate::util::time::now_ms;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// The configured roots, each once (both modes may share one directory).
 fn roots(config: &Config) -> Vec<(Mode, PathBuf)> {
@@ -118,17 +115,10 @@ pub struct Summary {
     pub status: &'static str,
 }
 
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Basic => "basic",
-        Mode::NetworkFs => "network-fs",
-    }
-}
-
 fn info(gen: &Generation, quarantine_reason: Option<String>, config: &Config) -> GenerationInfo {
     let meta = Store::metadata(gen);
     let problem = match &meta {
-        Ok(_) if quarantine_reason.is_none() => super::verify(gen, config).err(),
+        Ok(_) if quarantine_reason.is_none() => super::verify(gen, config).err().map(|e| e.to_string()),
         Ok(_) => None,
         Err(e) => Some(e.clone()),
     };
@@ -137,7 +127,7 @@ fn info(gen: &Generation, quarantine_reason: Option<String>, config: &Config) ->
         name: gen.name.clone(),
         dir: gen.shown.clone(),
         generation: gen.clone(),
-        bytes: disk_bytes(&gen.dir),
+        bytes: tree_bytes(&gen.dir),
         created_unix_ms: created,
         problem,
         quarantine_reason,
@@ -168,7 +158,7 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
     let bytes = generations.iter().chain(&quarantined).map(|g| g.bytes).sum();
     Ok(Summary {
         key: location.key.clone(),
-        mode: mode_name(location.mode),
+        mode: location.mode.as_str(),
         dir: location.dir.clone(),
         generations,
         quarantined,
@@ -179,37 +169,25 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
     })
 }
 
-/// Bytes used by the files under `dir` (not following symlinks).
-pub fn disk_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => disk_bytes(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 /// Deep validation of one generation: the manifest (and its fleet-key tag),
 /// every file against its digest, then every archive read through (zstd
 /// checks its frame checksums).
-pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), String> {
+pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), super::Error> {
     super::verify_all(gen, config)?;
-    for archive in ["rootfs-diff.tar.zst", "images.tar.zst"] {
+    for archive in [super::rootfs::ARCHIVE, super::archive::IMAGES_ARCHIVE] {
         let file = match gen.pinned().open(archive) {
             Ok((file, _)) => file,
             Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         let out = std::process::Command::new("zstd")
             .args(["-t", "-q"])
             .stdin(file)
             .output()
-            .map_err(|e| format!("zstd -t {archive}: {e}"))?;
+            .map_err(|source| super::Error::Zstd { archive, source })?;
         if !out.status.success() {
-            return Err(format!("{archive}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(super::Error::Archive { archive, stderr });
         }
     }
     Ok(())
@@ -223,7 +201,7 @@ pub fn remove_key(location: &Location, progress: &dyn Fn(&str)) -> std::io::Resu
     let mut bytes = 0;
     let gens = store.generations()?.into_iter().chain(store.quarantined()?.into_iter().map(|(g, _)| g));
     for gen in gens {
-        bytes += disk_bytes(&gen.dir);
+        bytes += tree_bytes(&gen.dir);
         gen.remove()?;
         progress(&gen.name);
     }
@@ -234,7 +212,7 @@ pub fn remove_key(location: &Location, progress: &dyn Fn(&str)) -> std::io::Resu
     let arch = key_dir.dir(".arch", false)?;
     for (name, _) in arch.entries()? {
         if name != "lock" {
-            super::store::remove_entry(&arch.path().join(name))?;
+            crate::util::fs::remove_entry(&arch.path().join(name))?;
         }
     }
     std::fs::remove_file(arch.path().join("lock"))?;
@@ -295,7 +273,7 @@ mod tests {
         make_key(&config.checkpoint_dir, "default/job/step", &["gen-0000000000002-1"]);
         make_key(&config.network_fs_dir, "team/x", &["gen-0000000000003-1"]);
         std::os::unix::fs::symlink("/etc", config.checkpoint_dir.join("evil")).unwrap();
-        let found: Vec<_> = keys(&config).unwrap().into_iter().map(|l| (l.key, mode_name(l.mode))).collect();
+        let found: Vec<_> = keys(&config).unwrap().into_iter().map(|l| (l.key, l.mode.as_str())).collect();
         assert_eq!(
             found,
             [("default/job".into(), "basic"), ("default/job/step".into(), "basic"), ("team/x".into(), "network-fs")]

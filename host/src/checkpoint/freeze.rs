@@ -14,10 +14,13 @@
 
 use super::Target;
 use crate::config::Config;
-use crate::container::{self, Records};
+use crate::container::Records;
+use crate::runc::Runc;
+use crate::util::fs::{create_private_dir, replace_json};
+use crate::util::lock::{lock_existing, Existing};
+use crate::util::time::now_ms;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The marker beside a record (`<id>.json` → `<id>.frozen`).
@@ -74,12 +77,6 @@ impl Owner {
     }
 }
 
-/// Runs runc with its stdio captured (ARCH's own pause and resume, whose
-/// messages are not the caller's business); true if it succeeded.
-fn runc_quiet(runc: &Path, globals: &[String], sub: &str, id: &str) -> bool {
-    Command::new(runc).args(globals).args([sub, id]).stdin(Stdio::null()).output().is_ok_and(|o| o.status.success())
-}
-
 /// The caller's global flags that matter to runc for a resume.
 fn thaw_globals(globals: &[String]) -> Vec<String> {
     crate::argv::parse(globals)
@@ -93,18 +90,10 @@ fn thaw_globals(globals: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn root_of(globals: &[String]) -> Option<String> {
-    crate::argv::parse(globals).global("root").map(str::to_owned)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// ARCH's freeze of one container: thawed by [`Freeze::thaw`] or on drop.
+/// ARCH's freeze of one container: a guard, thawed by [`Freeze::thaw`] at
+/// the end of the frozen window or, on every other path, when dropped.
 pub struct Freeze<'a> {
-    runc: &'a Path,
-    globals: &'a [String],
+    runc: &'a Runc,
     id: &'a str,
     marker: Option<PathBuf>,
     frozen: bool,
@@ -114,13 +103,11 @@ impl<'a> Freeze<'a> {
     /// Freezes the target for the frozen part of a checkpoint, if `wanted`
     /// (`--leave-running`) and it is not paused already.
     pub fn begin(target: &Target<'a>, wanted: bool) -> Freeze<'a> {
-        let mut freeze =
-            Freeze { runc: target.runc, globals: target.globals, id: target.id, marker: None, frozen: false };
+        let mut freeze = Freeze { runc: target.runc, id: target.id, marker: None, frozen: false };
         if !wanted {
             return freeze;
         }
-        let root = root_of(target.globals);
-        match crate::runc::status(target.runc, root.as_deref(), target.id).as_deref() {
+        match target.runc.status(target.id).as_deref() {
             Some("paused" | "pausing") => {
                 tracing::info!(id = target.id, "already paused: it stays paused through the checkpoint");
                 return freeze;
@@ -128,25 +115,22 @@ impl<'a> Freeze<'a> {
             Some(_) => {}
             None => tracing::warn!(id = target.id, "runc state failed; pausing anyway"),
         }
+        let root = target.runc.root();
         let marker = Records::new(&target.config.state_dir).path(root.as_deref(), target.id).map(|r| marker_path(&r));
         if let (Some(path), Some(owner)) = (&marker, Owner::current()) {
             let written = Marker {
                 owner,
                 id: target.id.to_owned(),
-                runc_globals: thaw_globals(target.globals),
+                runc_globals: thaw_globals(target.runc.globals()),
                 since_unix_ms: now_ms(),
             };
-            match path
-                .parent()
-                .map_or(Ok(()), container::create_private_dir)
-                .and_then(|()| container::replace_json(path, &written))
-            {
+            match path.parent().map_or(Ok(()), create_private_dir).and_then(|()| replace_json(path, &written)) {
                 Ok(()) => freeze.marker = marker.clone(),
                 Err(e) => tracing::error!(id = target.id, marker = %path.display(), error = %e,
                     "no freeze marker: if arch-runc dies frozen, nothing will thaw the container"),
             }
         }
-        freeze.frozen = runc_quiet(target.runc, target.globals, "pause", target.id);
+        freeze.frozen = target.runc.pause(target.id);
         if !freeze.frozen {
             tracing::warn!(id = target.id, "runc pause failed: the layer is copied from a running container");
             freeze.drop_marker();
@@ -154,13 +138,18 @@ impl<'a> Freeze<'a> {
         freeze
     }
 
-    /// Lets the container run again (once; a no-op if ARCH did not freeze it).
-    pub fn thaw(&mut self) {
+    /// Ends the frozen window: lets the container run again (a no-op if ARCH
+    /// did not freeze it).
+    pub fn thaw(mut self) {
+        self.resume();
+    }
+
+    fn resume(&mut self) {
         if !self.frozen {
             return;
         }
         self.frozen = false;
-        if runc_quiet(self.runc, self.globals, "resume", self.id) {
+        if self.runc.resume(self.id) {
             self.drop_marker();
         } else {
             // The marker stays: once this process is gone, the next call or
@@ -178,7 +167,7 @@ impl<'a> Freeze<'a> {
 
 impl Drop for Freeze<'_> {
     fn drop(&mut self) {
-        self.thaw();
+        self.resume();
     }
 }
 
@@ -202,7 +191,7 @@ pub enum Recovery {
 /// frozen. The caller holds the record's lock (a live checkpoint holds it for
 /// as long as its marker exists). `by` says who thawed, for the log and
 /// `arch_thaws_total`.
-pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recovery {
+pub fn recover(config: &Config, runc: &Runc, record: &Path, by: &str) -> Recovery {
     let path = marker_path(record);
     let marker: Marker = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -222,11 +211,12 @@ pub fn recover(config: &Config, runc: &Path, record: &Path, by: &str) -> Recover
         let _ = std::fs::remove_file(&path);
         return Recovery::Stale;
     }
-    let root = root_of(&marker.runc_globals);
-    let status = crate::runc::status(runc, root.as_deref(), &marker.id);
+    // The resume goes with the dead owner's flags (its root), not this caller's.
+    let runc = runc.with_globals(&marker.runc_globals);
+    let status = runc.status(&marker.id);
     let recovery = match status.as_deref() {
         Some("paused" | "pausing") => {
-            if !runc_quiet(runc, &marker.runc_globals, "resume", &marker.id) {
+            if !runc.resume(&marker.id) {
                 tracing::error!(id = %marker.id, pid = marker.owner.pid, by,
                     "a container left frozen by a dead arch-runc could not be thawed");
                 return Recovery::Failed;
@@ -254,35 +244,21 @@ fn remove_marker(path: &Path) {
 }
 
 /// Takes the record's lock (`how`: `LOCK_EX`, maybe `| LOCK_NB`) without
-/// creating its file: no file means nobody holds it. `Ok(None)` if someone
-/// holds it and `LOCK_NB` was asked.
-fn lock_existing(record: &Path, how: libc::c_int) -> std::io::Result<Option<Option<std::fs::File>>> {
-    use std::os::unix::io::AsRawFd;
-    let file = match std::fs::OpenOptions::new().write(true).open(record.with_extension("lock")) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: flock on a valid, open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
-        return Ok(Some(Some(file)));
-    }
-    match std::io::Error::last_os_error() {
-        e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        e => Err(e),
-    }
+/// creating its file: no file means nobody holds it.
+fn lock_record(record: &Path, how: libc::c_int) -> std::io::Result<Existing> {
+    lock_existing(&Records::lock_path(record), how)
 }
 
 /// The check for a call that does not take the record's lock (pass-through
 /// subcommands): thaws if nobody holds the lock. A `pause` waits for a
 /// checkpoint in progress, so that ARCH's thaw cannot undo it.
-pub fn recover_unlocked(config: &Config, runc: &Path, record: &Path, subcommand: &str) {
+pub fn recover_unlocked(config: &Config, runc: &Runc, record: &Path, subcommand: &str) {
     let how = if subcommand == "pause" { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
-    match lock_existing(record, how) {
-        Ok(Some(_lock)) => {
+    match lock_record(record, how) {
+        Ok(_lock @ (Existing::Held(_) | Existing::Absent)) => {
             recover(config, runc, record, "arch-runc");
         }
-        Ok(None) => {}
+        Ok(Existing::Busy) => {}
         Err(e) => tracing::warn!(record = %record.display(), error = %e, "could not lock to check a freeze marker"),
     }
 }
@@ -300,12 +276,13 @@ pub fn thaw_orphans(config: &Config) -> usize {
     if markers.is_empty() {
         return 0;
     }
-    let Ok(runc) = crate::runc::find(config.runc.as_deref()) else { return 0 };
+    let Ok(runc) = Runc::find(config.runc.as_deref()) else { return 0 };
     let mut thawed = 0;
     for marker in markers {
         let record = marker.with_extension("json");
-        // Held: its checkpoint is still running, or another call is on it.
-        if let Ok(Some(_lock)) = lock_existing(&record, libc::LOCK_EX | libc::LOCK_NB) {
+        // Busy: its checkpoint is still running, or another call is on it.
+        let lock = lock_record(&record, libc::LOCK_EX | libc::LOCK_NB);
+        if let Ok(_lock @ (Existing::Held(_) | Existing::Absent)) = lock {
             thawed += usize::from(recover(config, &runc, &record, "watch") == Recovery::Thawed);
         }
     }
@@ -315,6 +292,7 @@ pub fn thaw_orphans(config: &Config) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn owners_are_told_apart_by_start_time() {
@@ -345,12 +323,12 @@ mod tests {
                 .map(String::from)
                 .to_vec();
         assert_eq!(thaw_globals(&globals), ["--root=/run/x", "--systemd-cgroup"]);
-        assert_eq!(root_of(&thaw_globals(&globals)).as_deref(), Some("/run/x"));
+        assert_eq!(Runc::at("/x").with_globals(&thaw_globals(&globals)).root().as_deref(), Some("/run/x"));
     }
 
     /// A fake runc: `state` prints `$STATUS` (none: unknown container),
     /// `resume` appends to `resumed`.
-    fn fake_runc(dir: &Path, status: Option<&str>) -> PathBuf {
+    fn fake_runc(dir: &Path, status: Option<&str>) -> Runc {
         let path = dir.join(format!("runc-{}", status.unwrap_or("gone")));
         let state = match status {
             Some(s) => format!("echo '{{\"status\":\"{s}\"}}'"),
@@ -362,7 +340,7 @@ mod tests {
         );
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        path
+        Runc::at(path)
     }
 
     fn plant(config: &Config, id: &str, owner: Owner) -> PathBuf {
@@ -370,7 +348,7 @@ mod tests {
         std::fs::create_dir_all(record.parent().unwrap()).unwrap();
         let marker =
             Marker { owner, id: id.into(), runc_globals: vec!["--root=/run/x".into()], since_unix_ms: now_ms() };
-        container::replace_json(&marker_path(&record), &marker).unwrap();
+        replace_json(&marker_path(&record), &marker).unwrap();
         record
     }
 
@@ -408,12 +386,13 @@ mod tests {
     fn watch_skips_a_marker_whose_lock_is_held() {
         let d = tempfile::tempdir().unwrap();
         let runc = fake_runc(d.path(), Some("paused"));
-        let config = Config { state_dir: d.path().join("state"), runc: Some(runc), ..Default::default() };
+        let config =
+            Config { state_dir: d.path().join("state"), runc: Some(runc.path().to_path_buf()), ..Default::default() };
         let mut child = Command::new("true").spawn().unwrap();
         let dead = Owner { pid: child.id(), start_ticks: 1 };
         child.wait().unwrap();
         let record = plant(&config, "held", dead);
-        let lock = container::lock_file(&record.with_extension("lock"), libc::LOCK_EX).unwrap();
+        let lock = crate::util::lock::lock_file(&Records::lock_path(&record), libc::LOCK_EX).unwrap();
         assert_eq!(thaw_orphans(&config), 0);
         drop(lock);
         assert_eq!(thaw_orphans(&config), 1);

@@ -76,7 +76,7 @@ impl Location {
                 self.root.display()
             )),
             Mode::NetworkFs => Ok(()),
-            Mode::Basic => crate::container::create_private_dir(&self.root)
+            Mode::Basic => crate::util::fs::create_private_dir(&self.root)
                 .map_err(|e| format!("checkpoint_dir {}: {e}", self.root.display())),
         }
     }
@@ -125,9 +125,10 @@ pub fn locate(config: &Config, namespace: &str, id: &str, facts: &BundleFacts) -
     validate(&key)?;
     let mode = match get(MODE_ENV).map(str::trim) {
         None | Some("") => config.mode,
-        Some(m) if m.eq_ignore_ascii_case("basic") => Mode::Basic,
-        Some(m) if m.eq_ignore_ascii_case("network-fs") => Mode::NetworkFs,
-        Some(m) => return Err(KeyError::Mode(m.chars().take(40).collect())),
+        Some(m) => match Mode::ALL.into_iter().find(|mode| m.eq_ignore_ascii_case(mode.as_str())) {
+            Some(mode) => mode,
+            None => return Err(KeyError::Mode(m.chars().take(40).collect())),
+        },
     };
     let root = config.checkpoint_root(mode).to_path_buf();
     let dir = root.join(&key);

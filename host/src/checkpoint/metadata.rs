@@ -121,7 +121,7 @@ impl Metadata {
             return Err(format!("{FILE}: format {format} (this ARCH reads {OLDEST_FORMAT} to {FORMAT})"));
         }
         let meta: Metadata = serde_json::from_slice(bytes).map_err(|e| format!("{FILE}: {e}"))?;
-        if meta.mode != "basic" && meta.mode != "network-fs" {
+        if !crate::config::Mode::ALL.iter().any(|m| m.as_str() == meta.mode) {
             return Err(format!("{FILE}: mode {:?}", meta.mode));
         }
         Ok(meta)

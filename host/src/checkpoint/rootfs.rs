@@ -13,8 +13,8 @@
 //! resolve inside it and can never make root write outside it.
 
 use super::manifest::{copy_verified, Digest, FileEntry, HashingWriter};
-use super::store::remove_entry;
 use super::untrusted::Pinned;
+use crate::util::fs::remove_entry;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -273,7 +273,7 @@ pub fn capture(upper: &Path, survey: &Survey, dir: &Pinned) -> anyhow::Result<Fi
 /// Copies `upper` into the uncompressed local tar `staged`: the part that
 /// needs a running container frozen.
 pub fn stage(upper: &Path, survey: &Survey, staged: &Path) -> anyhow::Result<()> {
-    let (tar, writer) = spawn_tar(upper, &survey.files, Stdio::from(crate::container::private_file(staged)?))?;
+    let (tar, writer) = spawn_tar(upper, &survey.files, Stdio::from(crate::util::fs::private_file(staged)?))?;
     finish_tar(tar, writer)
 }
 
@@ -307,11 +307,11 @@ pub fn apply(
 ) -> anyhow::Result<()> {
     super::untrusted::ensure_room(rootfs, content)?;
     let manifest = Manifest::parse(diff_list)?;
-    crate::container::create_private_dir(scratch)?;
+    crate::util::fs::create_private_dir(scratch)?;
     let checked = scratch.join(MANIFEST);
-    crate::container::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
+    crate::util::fs::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
     let local = scratch.join(ARCHIVE);
-    copy_verified(entry, dir.open(ARCHIVE)?.0, crate::container::private_file(&local)?)?;
+    copy_verified(entry, dir.open(ARCHIVE)?.0, crate::util::fs::private_file(&local)?)?;
     let archive = File::open(&local)?;
     let mut zstd = Command::new("zstd")
         .args(["-d", "-c", "-q"])

@@ -50,7 +50,7 @@ pub fn clean(config: &Config) -> usize {
             if !ours || owner_alive(pid, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)) {
                 continue;
             }
-            let result = super::store::remove_entry(&entry.path());
+            let result = crate::util::fs::remove_entry(&entry.path());
             let kind = match (tars, name.to_string_lossy().starts_with("restore-")) {
                 (true, _) => "freeze",
                 (false, true) => "restore",

@@ -184,7 +184,7 @@ impl Store {
         let names = pending_in(&arch);
         for name in &names {
             tracing::warn!(dir = %arch.shown().join(name).display(), "removing a failed checkpoint attempt");
-            remove_entry(&arch.path().join(name))?;
+            crate::util::fs::remove_entry(&arch.path().join(name))?;
         }
         Ok(names.len())
     }
@@ -237,7 +237,7 @@ impl Store {
         gens.sync()?;
         // A new checkpoint means the job runs again: it is no longer finished.
         let arch = self.arch(true)?.expect("created");
-        crate::container::remove_if_present(&arch.path().join("completed.json"))?;
+        crate::util::fs::remove_if_present(&arch.path().join("completed.json"))?;
         Generation::open(&gens, &pending.name)
     }
 
@@ -291,19 +291,6 @@ fn list(dir: &Pinned) -> io::Result<Vec<Generation>> {
     }
     gens.sort_by(|a, b| b.name.cmp(&a.name));
     Ok(gens)
-}
-
-/// Removes a file or a whole directory (links are removed, never followed).
-pub(crate) fn remove_entry(path: &Path) -> io::Result<()> {
-    let result = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
 }
 
 /// Replaces `dir/name` with `value` as JSON: a new temp file (created

@@ -3,7 +3,7 @@
 //! talks to AWS.
 
 use super::{Named, Value};
-use crate::container::create_private_dir;
+use crate::util::fs::create_private_dir;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -18,10 +18,7 @@ impl Emf {
     /// One EMF line per figure: CloudWatch turns each into a data point
     /// with the labels as dimensions.
     pub(super) fn write(&self, figures: &[Named]) -> std::io::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::util::time::now_ms();
         let mut lines = String::new();
         for (family, labels, value) in figures {
             let (unit, number) = match value {

@@ -15,7 +15,7 @@
 //! `family{label="value",...}` as in Prometheus' text format.
 
 use super::{Named, Value};
-use crate::container::create_private_dir;
+use crate::util::fs::create_private_dir;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
@@ -124,9 +124,9 @@ impl Storage {
 
     fn lock(&self, how: libc::c_int) -> std::io::Result<std::fs::File> {
         let path = self.dir.join("lock");
-        crate::container::lock_file(&path, how).or_else(|_| {
+        crate::util::lock::lock_file(&path, how).or_else(|_| {
             create_private_dir(&self.dir)?;
-            crate::container::lock_file(&path, how)
+            crate::util::lock::lock_file(&path, how)
         })
     }
 
@@ -168,12 +168,12 @@ impl Storage {
         // First the snapshot that says the whole current file is folded in,
         // then a new event file: a crash between the two loses nothing.
         let folded = events.identity.map(|(dev, ino)| (dev, ino, events.len));
-        crate::container::replace_json_durably(
+        crate::util::fs::replace_json_durably(
             &self.dir.join("snapshot.json"),
             &Stored { totals: totals.clone(), folded },
         )?;
         let fresh = self.dir.join(format!("events.new{}", std::process::id()));
-        crate::container::private_file(&fresh)?;
+        crate::util::fs::private_file(&fresh)?;
         std::fs::rename(&fresh, self.dir.join("events"))?;
         Ok(totals)
     }

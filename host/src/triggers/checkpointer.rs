@@ -88,7 +88,7 @@ impl Checkpointer {
     /// As [`Checkpointer::candidates`], among the records `wanted` picks
     /// (before runc is asked about them).
     pub fn candidates_where(&self, wanted: impl Fn(&Record, &Path) -> bool) -> Vec<Candidate> {
-        let runc = match crate::runc::find(self.config.runc.as_deref()) {
+        let runc = match crate::runc::Runc::find(self.config.runc.as_deref()) {
             Ok(runc) => runc,
             Err(e) => {
                 tracing::error!(target: "arch::watch", error = %e, "no runc: no container can be checkpointed");
@@ -101,7 +101,7 @@ impl Checkpointer {
             if ended || record.exit.is_some() || record.stop_signalled_unix_ms.is_some() || !wanted(&record, &path) {
                 continue;
             }
-            let status = crate::runc::status(&runc, record.runc_root.as_deref(), &record.id);
+            let status = runc.with_root(record.runc_root.as_deref()).status(&record.id);
             if !matches!(status.as_deref(), Some("running" | "paused")) {
                 continue;
             }
@@ -157,7 +157,7 @@ impl Checkpointer {
             }
         }
         drop(busy);
-        let ended_unix_ms = crate::checkpoint::catalog::now_ms();
+        let ended_unix_ms = crate::util::time::now_ms();
         let (id, key, kind) = (&c.record.id, &c.key, trigger.kind.name());
         match &outcome {
             Outcome::Published(generation) => tracing::info!(target: "arch::watch", id, key, trigger = kind,

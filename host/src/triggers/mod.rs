@@ -67,7 +67,7 @@ pub struct Trigger {
 
 impl Trigger {
     pub fn now(kind: Kind) -> Trigger {
-        Trigger { kind, fired_unix_ms: crate::checkpoint::catalog::now_ms() }
+        Trigger { kind, fired_unix_ms: crate::util::time::now_ms() }
     }
 
     /// The value of [`TRIGGER_ENV`] for an arch-runc run for this trigger.

@@ -28,7 +28,7 @@ pub async fn watch(checkpointer: Checkpointer) {
             tokio::task::spawn_blocking(move || due(&checkpointer, &config, &last)).await.unwrap_or_default()
         };
         for (c, seen_first) in due {
-            let now = crate::checkpoint::catalog::now_ms();
+            let now = crate::util::time::now_ms();
             if seen_first {
                 // First sight: the clock starts at its newest checkpoint, or now.
                 let since = newest_generation_ms(&c.key_dir).unwrap_or(now);
@@ -49,7 +49,7 @@ fn due(
     config: &crate::config::Config,
     last: &HashMap<PathBuf, u64>,
 ) -> Vec<(super::checkpointer::Candidate, bool)> {
-    let now = crate::checkpoint::catalog::now_ms();
+    let now = crate::util::time::now_ms();
     let wanted = |record: &crate::container::Record, path: &Path| {
         let every = super::interval_secs(config, &record.facts.env);
         every > 0 && last.get(path).is_none_or(|at| now.saturating_sub(*at) >= every * 1000)

@@ -92,7 +92,7 @@ pub async fn watch(checkpointer: Checkpointer) {
                     recommendation(&checkpointer, &mut handled, notice).await;
                 }
                 if handled != before {
-                    if let Err(e) = crate::container::replace_json(&state_file, &handled) {
+                    if let Err(e) = crate::util::fs::replace_json(&state_file, &handled) {
                         tracing::warn!(target: "arch::spot", file = %state_file.display(), error = %e,
                             "could not record the notices handled");
                     }
@@ -139,7 +139,7 @@ async fn poll(imds: &mut Imds) -> Result<(Option<InstanceAction>, Option<Rebalan
 }
 
 async fn interruption(checkpointer: &Checkpointer, handled: &mut Handled, notice: InstanceAction) {
-    let now = crate::checkpoint::catalog::now_ms();
+    let now = crate::util::time::now_ms();
     if handled.interruption.as_deref() != Some(notice.time.as_str()) {
         handled.interruption = Some(notice.time.clone());
         handled.interruption_seen_unix_ms = Some(now);
@@ -176,7 +176,7 @@ async fn report(tasks: Vec<tokio::task::JoinHandle<Outcome>>, fired: Trigger, de
             published += 1;
         }
     }
-    let done = crate::checkpoint::catalog::now_ms();
+    let done = crate::util::time::now_ms();
     let in_time = deadline.is_none_or(|d| done <= d);
     tracing::info!(target: "arch::spot", started, published, fired_unix_ms = fired.fired_unix_ms,
         done_unix_ms = done, notice_time_unix_ms = deadline, in_time, "final checkpoints done");

@@ -95,12 +95,12 @@ fn load(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
 
 fn store(component: &Component, path: &Path) -> anyhow::Result<()> {
     let dir = path.parent().expect("cache entry has a parent");
-    crate::container::create_private_dir(dir)?;
+    crate::util::fs::create_private_dir(dir)?;
     let mut bytes = component.serialize()?;
     let sum = Sha256::digest(&bytes);
     bytes.extend_from_slice(&sum);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = crate::container::private_file(&tmp)?;
+    let mut f = crate::util::fs::private_file(&tmp)?;
     f.write_all(&bytes)?;
     drop(f);
     std::fs::rename(&tmp, path)?;

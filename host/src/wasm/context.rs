@@ -8,6 +8,7 @@ use crate::checkpoint;
 use crate::config::Config;
 use crate::container::{BundleFacts, Record, Records};
 use crate::metrics::Metrics;
+use crate::runc::Runc;
 use crate::triggers::{Kind, Trigger};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,11 +31,11 @@ pub trait RuncRunner: Send {
 }
 
 /// The real runc as a child process.
-pub struct ChildRunc(pub PathBuf);
+pub struct ChildRunc(pub Runc);
 
 impl RuncRunner for ChildRunc {
     fn run(&mut self, argv: &[String]) -> Result<i32, String> {
-        crate::runc::run(&self.0, argv).map_err(|e| e.to_string())
+        self.0.run(argv).map_err(|e| e.to_string())
     }
 }
 
@@ -55,8 +56,9 @@ pub struct CallContext {
     pub(super) runner: Box<dyn RuncRunner>,
     pub(super) metrics: Metrics,
     pub(super) config: Config,
-    /// The real runc, for the host's own checkpoint and restore runs.
-    pub(super) runc: PathBuf,
+    /// The real runc with the caller's global flags, for the host's own
+    /// checkpoint and restore runs.
+    pub(super) runc: Runc,
     /// Why a checkpoint this call takes is taken.
     pub(super) trigger: Trigger,
     /// A stop's deadline, for the checkpoint it takes first.
@@ -68,9 +70,10 @@ pub struct CallContext {
 impl CallContext {
     /// The context of `invocation` on the container of `record` (stored at
     /// `record_path`): scoped to the container, its bundle and `config`'s
-    /// checkpoint roots; runc is `runc` run as a child; figures go through
+    /// checkpoint roots; runc is `runc` (with the call's global flags) run as
+    /// a child; figures go through
     /// the process' metrics handle; a checkpoint is taken for trigger `runc`.
-    pub fn new(invocation: Invocation, record: Record, record_path: PathBuf, config: Config, runc: PathBuf) -> Self {
+    pub fn new(invocation: Invocation, record: Record, record_path: PathBuf, config: Config, runc: Runc) -> Self {
         let roots = config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect();
         let scope = Scope::new(&invocation, &record.id, &record.bundle, roots);
         CallContext {
@@ -142,7 +145,6 @@ impl CallContext {
             config: &self.config,
             location,
             runc: &self.runc,
-            globals: self.invocation.global_argv(),
             id: self.scope.id(),
             bundle: self.scope.bundle(),
         }
@@ -163,7 +165,7 @@ impl CallContext {
             if other.exit.is_some() || theirs.map(|l| l.dir) != Ok(location.dir.clone()) {
                 continue;
             }
-            let status = crate::runc::status(&self.runc, other.runc_root.as_deref(), &other.id);
+            let status = self.runc.with_root(other.runc_root.as_deref()).status(&other.id);
             if let Some(status) = status.filter(|s| s != "stopped") {
                 let root = other.runc_root.as_deref().unwrap_or(crate::container::RUNC_DEFAULT_ROOT);
                 return Some(format!("container {} (runc root {root}) is {status}", other.id));

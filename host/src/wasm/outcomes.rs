@@ -22,9 +22,9 @@
 //! A module that traps is counted as such (`arch_module_failures_total`),
 //! and the call falls back to plain runc without a decision to settle.
 
+use super::host::checkpoints::TakeFailure;
 use super::Decision;
 use crate::checkpoint::metadata::Metadata;
-use crate::checkpoint::TakeError;
 use crate::metrics::{
     Metrics, Value, CHECKPOINT_ATTEMPTS, CHECKPOINT_BYTES, CHECKPOINT_FAILURES, CHECKPOINT_SUCCESSES, FRESH_STARTS,
     GENERATIONS_SKIPPED, QUARANTINES, REFUSED_KEYS, RESTORE_ATTEMPTS, RESTORE_FAILURES, RESTORE_FALLBACKS,
@@ -47,7 +47,7 @@ pub struct Outcomes {
 
 impl Outcomes {
     /// A `take` and its result.
-    pub fn checkpoint(metrics: &Metrics, trigger: Trigger, result: Result<&Metadata, &TakeError>) {
+    pub fn checkpoint(metrics: &Metrics, trigger: Trigger, result: Result<&Metadata, &TakeFailure>) {
         let attempt = (CHECKPOINT_ATTEMPTS, &[][..], Value::Count(1));
         match result {
             Ok(meta) => {
@@ -60,12 +60,7 @@ impl Outcomes {
                 ]);
             }
             Err(e) => {
-                let reason = match e {
-                    TakeError::NotRun(_) => "not_run",
-                    TakeError::Runc(_) => "runc",
-                    TakeError::Incomplete(_) => "incomplete",
-                };
-                let reason_labels = [("reason", reason)];
+                let reason_labels = [("reason", e.reason())];
                 let trigger_labels = [("trigger", trigger.kind.name())];
                 let mut figures = vec![attempt, (CHECKPOINT_FAILURES, &reason_labels[..], Value::Count(1))];
                 if trigger.kind != Kind::Runc {
@@ -223,9 +218,9 @@ mod tests {
         let m = Metrics::at(dir.path());
         let meta = Metadata { images_bytes: 4096, rootfs_archive_bytes: Some(512), ..Default::default() };
         Outcomes::checkpoint(&m, Trigger::now(Kind::Runc), Ok(&meta));
-        Outcomes::checkpoint(&m, Trigger::now(Kind::Runc), Err(&TakeError::Runc(1)));
-        Outcomes::checkpoint(&m, Trigger::now(Kind::Stop), Err(&TakeError::NotRun("x".into())));
-        Outcomes::checkpoint(&m, Trigger::now(Kind::Interval), Err(&TakeError::Incomplete("x".into())));
+        Outcomes::checkpoint(&m, Trigger::now(Kind::Runc), Err(&TakeFailure::Runc(1)));
+        Outcomes::checkpoint(&m, Trigger::now(Kind::Stop), Err(&TakeFailure::NotRun("x".into())));
+        Outcomes::checkpoint(&m, Trigger::now(Kind::Interval), Err(&TakeFailure::Incomplete("x".into())));
         let t = totals(&m);
         assert_eq!(t["arch_checkpoint_attempts_total"], 4);
         assert_eq!(t["arch_checkpoint_successes_total"], 1);

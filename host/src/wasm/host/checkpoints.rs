@@ -8,8 +8,8 @@ use super::super::outcomes::Outcomes;
 use super::super::versions::{v0_1, v0_2};
 use super::super::{CallContext, HostState};
 use crate::argv::Invocation;
+use crate::checkpoint;
 use crate::checkpoint::metadata::{CriuOptions, Metadata};
-use crate::checkpoint::{self, TakeError};
 
 /// A complete checkpoint, as a module asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,20 +52,54 @@ impl Request {
     }
 }
 
+/// Why a take published nothing, as the WIT says it (and as the failures
+/// are counted, by `reason`).
+#[derive(Debug)]
+pub enum TakeFailure {
+    /// runc was not run.
+    NotRun(String),
+    /// runc checkpoint failed with this status.
+    Runc(i32),
+    /// runc succeeded, ARCH's part did not (or was abandoned at a deadline).
+    Incomplete(String),
+}
+
+impl TakeFailure {
+    /// The `reason` label of `arch_checkpoint_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TakeFailure::NotRun(_) => "not_run",
+            TakeFailure::Runc(_) => "runc",
+            TakeFailure::Incomplete(_) => "incomplete",
+        }
+    }
+}
+
+impl From<checkpoint::Error> for TakeFailure {
+    fn from(e: checkpoint::Error) -> Self {
+        use checkpoint::Error;
+        match e {
+            Error::Runc(status) => TakeFailure::Runc(status),
+            Error::Abandoned(_) | Error::Incomplete { .. } => TakeFailure::Incomplete(e.to_string()),
+            e => TakeFailure::NotRun(e.to_string()),
+        }
+    }
+}
+
 fn key(ctx: &mut CallContext) -> Result<String, String> {
     ctx.location().map(|l| l.key)
 }
 
 /// Takes a checkpoint with `options` (or fails as not run for why they are
 /// refused), and counts it.
-fn take(ctx: &mut CallContext, options: Result<Options, String>) -> Result<Metadata, TakeError> {
-    let result = options.map_err(TakeError::NotRun).and_then(|options| take_checkpoint(ctx, options));
+fn take(ctx: &mut CallContext, options: Result<Options, String>) -> Result<Metadata, TakeFailure> {
+    let result = options.map_err(TakeFailure::NotRun).and_then(|options| take_checkpoint(ctx, options));
     Outcomes::checkpoint(&ctx.metrics, ctx.trigger, result.as_ref());
     result
 }
 
-fn take_checkpoint(ctx: &mut CallContext, options: Options) -> Result<Metadata, TakeError> {
-    let location = ctx.location().map_err(TakeError::NotRun)?;
+fn take_checkpoint(ctx: &mut CallContext, options: Options) -> Result<Metadata, TakeFailure> {
+    let location = ctx.location().map_err(TakeFailure::NotRun)?;
     let export = options.export_images.then(|| ctx.invocation.flag("image-path")).flatten().map(std::path::Path::new);
     let request = checkpoint::TakeRequest {
         target: ctx.target(&location),
@@ -86,7 +120,7 @@ fn take_checkpoint(ctx: &mut CallContext, options: Options) -> Result<Metadata, 
         }
         Err(e) => {
             tracing::error!(id = %ctx.id(), key = %location.key, error = %e, "checkpoint not published");
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -103,7 +137,7 @@ fn list(ctx: &mut CallContext) -> Result<Listed, String> {
         }
     }
     let generations = checkpoint::generations(&location, &ctx.config).map_err(|e| e.to_string())?;
-    let listed: Listed = generations.into_iter().map(|(g, meta)| (g.name, meta)).collect();
+    let listed: Listed = generations.into_iter().map(|(g, meta)| (g.name, meta.map_err(|e| e.to_string()))).collect();
     if ctx.is_create() {
         ctx.outcomes.listed(listed.iter().map(|(name, meta)| (name.as_str(), meta.is_ok())));
     }
@@ -114,7 +148,7 @@ fn check(ctx: &mut CallContext, name: &str) -> Result<(), String> {
     let location = ctx.location()?;
     let gen =
         checkpoint::store::Store::new(&location).generation(name).ok_or_else(|| format!("no generation {name}"))?;
-    let result = checkpoint::check_compatible(&gen, &ctx.config);
+    let result = checkpoint::check_compatible(&gen, &ctx.config).map_err(|e| e.to_string());
     if result.is_err() && ctx.is_create() {
         ctx.outcomes.incompatible(&ctx.metrics, name);
     }
@@ -161,13 +195,13 @@ fn restore_now(ctx: &mut CallContext, name: &str) -> Result<i32, String> {
     if let Err(e) = &result {
         tracing::warn!(id = %ctx.id(), generation = %name, error = %e, "restore not attempted");
     }
-    result
+    result.map_err(|e| e.to_string())
 }
 
 fn quarantine(ctx: &mut CallContext, name: &str, reason: &str) -> Result<(), String> {
     let location = ctx.location()?;
     tracing::warn!(id = %ctx.id(), generation = %name, %reason, "generation quarantined");
-    let result = checkpoint::quarantine(&location, name, reason);
+    let result = checkpoint::quarantine(&location, name, reason).map_err(|e| e.to_string());
     if result.is_ok() {
         Outcomes::quarantined(&ctx.metrics);
     }
@@ -239,9 +273,9 @@ macro_rules! serve {
                 use $version::arch::handler::checkpoints::CheckpointError as Wit;
                 let options = Options::try_from(options).map_err(|e| e.to_string());
                 Ok(take(&mut self.ctx, options).map(|meta| generation!($version, meta)).map_err(|e| match e {
-                    TakeError::NotRun(m) => Wit::NotRun(m),
-                    TakeError::Runc(s) => Wit::Runc(s),
-                    TakeError::Incomplete(m) => Wit::Incomplete(m),
+                    TakeFailure::NotRun(m) => Wit::NotRun(m),
+                    TakeFailure::Runc(s) => Wit::Runc(s),
+                    TakeFailure::Incomplete(m) => Wit::Incomplete(m),
                 }))
             }
 
