@@ -2,6 +2,7 @@
 //! module, misbehaving modules (trap, endless loop, memory bomb, a request
 //! outside the container's scope), the module cache, and override checks.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use arch::argv;
