@@ -2,6 +2,7 @@
 //! exit code, stdout and stderr preserved, same pid, fds and signal state, and
 //! nothing of ARCH's on stdout or stderr, whatever ARCH does or fails to do.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::os::unix::io::AsRawFd;

@@ -1,7 +1,7 @@
 //! Every file under deploy/ parses as what it is, and the deployment samples
 //! say what the guides say: a file of a kind this test does not know fails it,
 //! so nothing lands there unread. (Host configs are checked against the
-//! reference by tests/docs.rs.)
+//! reference by tests/host/docs.rs.)
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -272,7 +272,7 @@ fn every_file_under_deploy_parses_as_what_it_is() {
     }
     assert!(
         unknown.is_empty(),
-        "files under deploy/ of no known kind (add them to NAMED in tests/deploy.rs): {unknown:?}"
+        "files under deploy/ of no known kind (add them to NAMED in tests/host/deploy.rs): {unknown:?}"
     );
     for (name, _) in NAMED {
         assert!(files.iter().any(|f| f == name), "NAMED lists deploy/{name}, which does not exist");
@@ -448,7 +448,7 @@ fn deploy_paths_named_in_the_docs_exist() {
         let text = std::fs::read_to_string(&doc).unwrap();
         for (at, _) in text.match_indices("deploy/") {
             // `deploy/...` from the repository's top, not `docs/deploy/` or `../deploy/`
-            // (links, relative to their page, are tests/docs.rs's).
+            // (links, relative to their page, are tests/host/docs.rs's).
             if at > 0 && !matches!(text.as_bytes()[at - 1], b'`' | b' ' | b'\n') {
                 continue;
             }

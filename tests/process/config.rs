@@ -9,6 +9,7 @@
 //! locations (`/var/log/arch/arch-runc.log`, `/var/lib/arch/metrics`): that is
 //! the point, so the tests read them there.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::os::unix::fs::{chown, symlink, PermissionsExt};

@@ -4,6 +4,7 @@
 //! busybox image the test builds itself. With `CI=true` a missing dependency
 //! fails the test instead of skipping it.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use support::containerd::*;

@@ -2,6 +2,7 @@
 //! private containerd, runc and CRIU), and its error paths with their exit
 //! statuses.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;

@@ -43,7 +43,7 @@ fn documented_host_keys() -> Vec<(String, Option<&'static str>)> {
 }
 
 /// ARCH host configs under deploy/: files named `config.json` or `arch-config*.json`
-/// (tests/deploy.rs checks that the launch template's embedded config is one of them).
+/// (tests/host/deploy.rs checks that the launch template's embedded config is one of them).
 fn host_configs() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap().flatten() {

@@ -4,6 +4,7 @@
 //! containerds over a Network FS root; corrupt generations; concurrency; and
 //! hostile keys.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! increment; `archctl metrics` parses with Prometheus' own parsers; the
 //! CloudWatch EMF copy is well formed.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;

@@ -3,6 +3,7 @@
 //! stop deadline, on an interval from `archctl watch`, and under Spot notices
 //! from a metadata-service simulator, on one node and across two.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

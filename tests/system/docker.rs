@@ -3,6 +3,7 @@
 //! Needs root, docker.io, containerd, runc and CRIU 4; with `CI=true` a missing
 //! one fails the test instead of skipping it.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::Path;

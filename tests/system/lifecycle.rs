@@ -2,6 +2,7 @@
 //! containerd, jobs that finish (exit 0) or are killed (137), a checkpoint
 //! with `--exit`, exits missed while watch was down, and a containerd restart.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 //! container's scope), the host's count of outcomes, the module cache, and
 //! override checks.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use arch::argv;

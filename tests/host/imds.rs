@@ -2,6 +2,7 @@
 //! with raw HTTP so that no client library's leniency hides a framing error.
 //! No root needed.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::io::{Read, Write};

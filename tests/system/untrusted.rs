@@ -4,6 +4,7 @@
 //! than a real one; ARCH must set it aside without doing what it asks, and
 //! the job must resume from the real one.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -2,8 +2,9 @@
 //! CRIU's part (`support::criu_runc`): publication, pruning, what a failed
 //! take leaves (nothing), quarantine, falling back to an older generation,
 //! scratch clean-up, ARCH's freeze and the stop deadline. No root, CRIU or
-//! containerd needed: tests/checkpoint.rs runs the same with the real parts.
+//! containerd needed: tests/system/checkpoint.rs runs the same with the real parts.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 use arch::checkpoint::key::{self, Location};
