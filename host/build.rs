@@ -18,8 +18,9 @@ const BUILTINS: &[(&str, &str)] = &[
     ("delete", "arch-module-delete"),
     ("kill", "arch-module-kill"),
 ];
-/// Built alongside for the tests, not embedded.
-const EXTRAS: &[&str] = &["arch-module-example-vendor", "arch-fixture-misbehave"];
+/// Built alongside for the tests, not embedded (`arch-fixture-v0-1`: a
+/// module of the WIT interface 0.1.0, which the host still serves).
+const EXTRAS: &[&str] = &["arch-module-example-vendor", "arch-fixture-misbehave", "arch-fixture-v0-1"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());

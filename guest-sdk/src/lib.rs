@@ -16,19 +16,70 @@
 //! Build it with `cargo build --release --target wasm32-wasip2` and drop the
 //! `.wasm` into `/etc/arch/modules/<subcommand>.wasm` (root-owned, not
 //! writable by group or others).
+//!
+//! The SDK builds modules for the WIT interface `arch:handler@0.2.0`
+//! ([`INTERFACE_VERSION`], `wit/v0.2.0/handler.wit`). arch-runc serves every
+//! version it has shipped, so a module built with an earlier SDK (0.1.0)
+//! keeps working unchanged. What 0.2.0 changes for a module:
+//!
+//! - [`Container::history`] says what ARCH did to the container before this
+//!   call: `restored_from` (the generation `create` restored it from) replaces
+//!   the note `restored-from` that the `create` module wrote and `start` read;
+//!   the host records it when [`checkpoints::restore`] succeeds.
+//!   `resumed_after_checkpoint` replaces the note `resumed-after-checkpoint`
+//!   of earlier ARCH builds, which the host now drops itself.
+//! - [`Invocation::checkpoint`]: a `runc checkpoint` call as the host parsed
+//!   it ([`CheckpointRequest`]); its `options` are what
+//!   [`checkpoints::take`] takes.
+//! - [`CheckpointOptions::criu`] is a set of [`CriuOptions`] instead of a list
+//!   of runc flags.
+//! - [`metrics::count`] counts the module's own events
+//!   (`arch_module_events_total{module, name}`): the host counts every
+//!   checkpoint and restore outcome itself, so a module needs no counters to
+//!   keep ARCH's metrics right, and names like `checkpoint_success_total` no
+//!   longer stand for ARCH's families.
 
-#[doc(hidden)]
-pub mod bindings {
-    wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
-        world: "handler",
-        pub_export_macro: true,
-        export_macro_name: "__export_handler_world",
-        default_bindings_module: "::arch_guest_sdk::bindings",
-    });
+/// Binds the SDK to one version of the WIT interface. Its directory, given
+/// once here, is where the version is named; [`INTERFACE_VERSION`] is read
+/// from it.
+macro_rules! bind {
+    ($wit:literal) => {
+        #[doc(hidden)]
+        pub mod bindings {
+            wit_bindgen::generate!({
+                path: $wit,
+                world: "handler",
+                pub_export_macro: true,
+                export_macro_name: "__export_handler_world",
+                default_bindings_module: "::arch_guest_sdk::bindings",
+            });
+        }
+
+        /// The version of the WIT interface `arch:handler` that modules built
+        /// with this SDK import and export.
+        pub const INTERFACE_VERSION: &str = version_of($wit);
+    };
 }
 
-pub use bindings::arch::handler::types::{Container, Decision, Flag, Invocation};
+bind!("../wit/v0.2.0");
+
+/// The version in a WIT directory's name (`../wit/v0.2.0`: `0.2.0`).
+const fn version_of(dir: &'static str) -> &'static str {
+    let bytes = dir.as_bytes();
+    let mut start = bytes.len();
+    while start > 0 && bytes[start - 1] != b'v' {
+        start -= 1;
+    }
+    let (_, version) = bytes.split_at(start);
+    match core::str::from_utf8(version) {
+        Ok(version) => version,
+        Err(_) => panic!("a WIT directory name is ASCII"),
+    }
+}
+
+pub use bindings::arch::handler::types::{
+    CheckpointOptions, CheckpointRequest, Container, CriuOptions, Decision, Flag, History, Invocation,
+};
 
 /// One subcommand's policy: look at the call, decide what arch-runc does.
 pub trait Handler {
@@ -105,7 +156,9 @@ pub mod log {
     }
 }
 
-/// Counters, named `[a-z0-9_]+`.
+/// The module's own counters, named `[a-z0-9_]+`: each is
+/// `arch_module_events_total{module="<subcommand>", name="<name>"}`.
+/// Checkpoint and restore outcomes are counted by the host.
 pub mod metrics {
     pub fn count(name: &str, value: u64) {
         crate::bindings::arch::handler::metrics::count(name, value)
@@ -140,9 +193,11 @@ pub mod state {
     }
 }
 
-/// This container's checkpoints (the host resolves key and root).
+/// This container's checkpoints (the host resolves key and root, and counts
+/// what comes of them).
 pub mod checkpoints {
     pub use crate::bindings::arch::handler::checkpoints::{
-        check, key, list, quarantine, restore, take, CheckpointError, CheckpointOptions, Generation,
+        check, key, list, quarantine, restore, take, CheckpointError, Generation,
     };
+    pub use crate::bindings::arch::handler::types::{CheckpointOptions, CriuOptions};
 }

@@ -23,7 +23,7 @@ use crate::modules::{self, Origin};
 use crate::runc::{self, Runc};
 use crate::triggers::{self, Kind, Trigger};
 use crate::util::{lock, time};
-use crate::wasm::{self, CallContext, ChildRunc, Decision, Limits};
+use crate::wasm::{self, CallContext, Decision, Limits};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -251,22 +251,8 @@ impl Call {
             Origin::Builtin => format!("builtin:{}", &module.digest[..12]),
             Origin::Override(p) => format!("{}:{}", p.display(), &module.digest[..12]),
         };
-        let ctx = CallContext {
-            invocation: self.inv.clone(),
-            namespace: record.namespace,
-            id: record.id,
-            bundle: record.bundle,
-            facts: record.facts,
-            record_path,
-            allowed_roots: self.config.checkpoint_roots().iter().map(|p| p.to_path_buf()).collect(),
-            runner: Box::new(ChildRunc(runc.clone())),
-            config: self.config.clone(),
-            runc: runc.clone(),
-            metrics: Some(metrics::handle().clone()),
-            ran_original: None,
-            trigger,
-            deadline,
-        };
+        let ctx = CallContext::new(self.inv.clone(), record, record_path, self.config.clone(), runc.clone())
+            .with_trigger(trigger, deadline);
         let limits = Limits { fuel: self.config.module_fuel, memory_bytes: self.config.module_memory_mib << 20 };
         let (result, ctx) = match self.run_module(&module, ctx, limits) {
             Ok(done) => done,
@@ -279,10 +265,10 @@ impl Call {
         self.report.decision = format!("{result:?}");
         match result {
             Decision::PassThrough => self.exec(runc, None),
-            Decision::ExecRunc(args) => match ctx.scoped_runc_argv(&args) {
+            Decision::ExecRunc(args) => match ctx.scope.runc_argv(&args) {
                 Ok(full) => self.exec(runc, Some(full)),
                 Err(e) => {
-                    tracing::error!(id = %ctx.id, "handler's exec-runc refused: {e}");
+                    tracing::error!(id = %ctx.id(), "handler's exec-runc refused: {e}");
                     self.count(metrics::MODULE_FAILURES);
                     self.fail_open(runc, ctx.ran_original, "exec-runc refused")
                 }

@@ -4,7 +4,7 @@
 //! - what runc was asked: [`argv`];
 //! - whether ARCH handles it, and how: [`dispatch`];
 //! - the per-subcommand policy: `modules/<subcommand>/src/lib.rs` (WebAssembly);
-//! - what a module may ask of the host: [`wasm`] (capabilities);
+//! - what a module may ask of the host: [`wasm`] (both WIT versions, a call's `Scope`);
 //! - which module runs: [`modules`] (builtin or operator override);
 //! - whether a file that steers root (config, runc, module) is root's alone: [`trust`];
 //! - checkpoints on disk: [`checkpoint`] (its phases: take, verify, compat, restore; store, catalog);

@@ -1,6 +1,8 @@
 //! Handler modules in the real wasmtime host: each builtin, the example vendor
-//! module, misbehaving modules (trap, endless loop, memory bomb, a request
-//! outside the container's scope), the module cache, and override checks.
+//! module, a module built against the WIT interface 0.1.0, misbehaving
+//! modules (trap, endless loop, memory bomb, a request outside the
+//! container's scope), the host's count of outcomes, the module cache, and
+//! override checks.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -8,9 +10,9 @@ mod support;
 use arch::argv;
 use arch::container::{BundleFacts, Record, Records};
 use arch::modules::{self, Origin, Refusal};
-use arch::wasm::{CacheOutcome, CallContext, Decision, Limits, RuncRunner, Runtime};
+use arch::wasm::{CacheOutcome, CallContext, Decision, Interface, Limits, RuncRunner, Runtime, Scope};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use support::*;
 
@@ -50,6 +52,18 @@ impl Harness {
         annotations: &[(&str, &str)],
         status: i32,
     ) -> (CallContext, Recorder) {
+        self.context_noted(line, env, annotations, &[], status)
+    }
+
+    /// As [`Harness::context`], with these notes in ARCH's record.
+    fn context_noted(
+        &self,
+        line: &str,
+        env: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        notes: &[(&str, &str)],
+        status: i32,
+    ) -> (CallContext, Recorder) {
         let inv = argv::parse(&strings(&format!("{GLOBALS} {line}")));
         let facts = BundleFacts {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -61,35 +75,29 @@ impl Harness {
             id: "c1".into(),
             bundle: "/b".into(),
             facts: facts.clone(),
-            notes: Default::default(),
+            notes: notes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             runc_root: None,
             exit: None,
             stop_signalled_unix_ms: None,
         };
         Records::store(&record_path, &record).unwrap();
         let recorder = Recorder { calls: Default::default(), status };
-        let ctx = CallContext {
-            invocation: inv,
-            namespace: "default".into(),
-            id: "c1".into(),
-            bundle: "/b".into(),
-            facts,
-            record_path,
-            allowed_roots: vec![PathBuf::from("/var/lib/arch/checkpoints")],
-            runner: Box::new(recorder.clone()),
-            config: arch::config::Config {
-                checkpoint_dir: self.dir.path().join("checkpoints"),
-                network_fs_dir: self.dir.path().join("netfs"),
-                state_dir: self.dir.path().to_path_buf(),
-                ..Default::default()
-            },
-            runc: arch::runc::Runc::at("/bin/false"),
-            metrics: Some(arch::metrics::Metrics::at(self.dir.path())),
-            ran_original: None,
-            trigger: arch::triggers::Trigger::now(arch::triggers::Kind::Runc),
-            deadline: None,
+        let config = arch::config::Config {
+            checkpoint_dir: self.dir.path().join("checkpoints"),
+            network_fs_dir: self.dir.path().join("netfs"),
+            state_dir: self.dir.path().to_path_buf(),
+            ..Default::default()
         };
+        let mut ctx = CallContext::new(inv, record, record_path, config, arch::runc::Runc::at("/bin/false"))
+            .with_runner(Box::new(recorder.clone()))
+            .with_metrics(arch::metrics::Metrics::at(self.dir.path()));
+        ctx.scope =
+            Scope::new(&ctx.invocation, "c1", Path::new("/b"), vec![PathBuf::from("/var/lib/arch/checkpoints")]);
         (ctx, recorder)
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        arch::metrics::Metrics::at(self.dir.path()).read().unwrap().counters
     }
 
     fn run_wasm(&self, wasm: &[u8], ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
@@ -104,8 +112,17 @@ impl Harness {
     }
 
     fn run_builtin(&self, sub: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
+        self.run_wasm(&self.builtin(sub).wasm, ctx)
+    }
+
+    fn builtin(&self, sub: &str) -> modules::Module {
         let builtin = modules::BUILTINS.iter().find(|b| b.subcommand == sub).unwrap();
-        self.run_wasm(builtin.wasm, ctx)
+        modules::Module {
+            subcommand: sub.into(),
+            origin: Origin::Builtin,
+            digest: builtin.digest.into(),
+            wasm: builtin.wasm.into(),
+        }
     }
 
     fn run_file(&self, package: &str, ctx: CallContext) -> (anyhow::Result<Decision>, CallContext) {
@@ -131,10 +148,7 @@ fn builtins_pass_through() {
 #[test]
 fn builtin_start_of_a_restored_container_needs_no_runc() {
     let h = Harness::new();
-    let (ctx, recorder) = h.context("start c1", &[("ARCH_ENABLE", "1")], &[], 0);
-    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
-    record.notes.insert("restored-from".into(), "gen-1".into());
-    Records::store(&ctx.record_path, &record).unwrap();
+    let (ctx, recorder) = h.context_noted("start c1", &[("ARCH_ENABLE", "1")], &[], &[("restored-from", "gen-1")], 0);
     assert_eq!(h.run_builtin("start", ctx).0.unwrap(), Decision::Exit(0));
     assert!(recorder.calls.lock().unwrap().is_empty());
 }
@@ -142,10 +156,8 @@ fn builtin_start_of_a_restored_container_needs_no_runc() {
 #[test]
 fn builtin_resume_is_runcs_even_with_an_old_early_resume_note() {
     let h = Harness::new();
-    let (ctx, recorder) = h.context("resume c1", &[("ARCH_ENABLE", "1")], &[], 0);
-    let mut record = Records::load(&ctx.record_path).unwrap().unwrap();
-    record.notes.insert("resumed-after-checkpoint".into(), "gen-1".into());
-    Records::store(&ctx.record_path, &record).unwrap();
+    let (ctx, recorder) =
+        h.context_noted("resume c1", &[("ARCH_ENABLE", "1")], &[], &[("resumed-after-checkpoint", "gen-1")], 0);
     let path = ctx.record_path.clone();
     assert_eq!(h.run_builtin("resume", ctx).0.unwrap(), Decision::PassThrough, "runc resumes it");
     assert!(recorder.calls.lock().unwrap().is_empty());
@@ -192,6 +204,98 @@ fn example_vendor_module() {
     }
     let (ctx, _) = h.context("checkpoint c1", &[], &[], 0);
     assert_eq!(h.run_file("arch-module-example-vendor", ctx).0.unwrap(), Decision::PassThrough);
+    let counters = h.counters();
+    assert_eq!(
+        counters.get("arch_module_events_total{module=\"checkpoint\",name=\"example_checkpoint_refused_total\"}"),
+        Some(&1),
+        "a module's own counter, under the subcommand it serves: {counters:?}"
+    );
+}
+
+#[test]
+fn builtin_checkpoint_leaves_partial_checkpoints_to_runc_and_the_host_counts_the_rest() {
+    let h = Harness::new();
+    let (ctx, recorder) = h.context("checkpoint --pre-dump --image-path /tmp/ctd c1", &[], &[], 0);
+    assert_eq!(h.run_builtin("checkpoint", ctx).0.unwrap(), Decision::PassThrough);
+    assert!(recorder.calls.lock().unwrap().is_empty());
+    assert_eq!(h.counters().get("arch_checkpoint_attempts_total"), None, "a pre-dump is not ARCH's checkpoint");
+
+    let (ctx, _) = h.context("checkpoint --tcp-established c1", &[("ARCH_CHECKPOINT_KEY", "/etc")], &[], 0);
+    assert_eq!(h.run_builtin("checkpoint", ctx).0.unwrap(), Decision::PassThrough, "not run: plain runc checkpoint");
+    let counters = h.counters();
+    assert_eq!(counters.get("arch_checkpoint_attempts_total"), Some(&1), "{counters:?}");
+    assert_eq!(counters.get("arch_checkpoint_failures_total{reason=\"not_run\"}"), Some(&1), "{counters:?}");
+    assert!(
+        !counters.keys().any(|k| k.starts_with("arch_module_events_total")),
+        "builtins count nothing: {counters:?}"
+    );
+}
+
+/// A module built against 0.1.0, as vendor modules were before 0.2.0: the
+/// host tells its version, caches it, serves every 0.1.0 import, and counts
+/// what comes of its checkpoints and creates itself.
+#[test]
+fn a_module_built_against_v0_1_still_works() {
+    let h = Harness::new();
+    let wasm = std::fs::read(module_wasm("arch-fixture-v0-1")).unwrap();
+    let module = modules::Module {
+        subcommand: "checkpoint".into(),
+        origin: Origin::Builtin,
+        digest: modules::sha256_hex(&wasm),
+        wasm: wasm.clone().into(),
+    };
+    let cache = h.dir.path().join("cache");
+    let (compiled, outcome) = h.runtime.load(&module, &cache).unwrap();
+    assert_eq!(outcome, CacheOutcome::Compiled { stored: true });
+    assert_eq!(h.runtime.check(&compiled).unwrap(), Interface::V0_1);
+    let (component, outcome) = h.runtime.load(&module, &cache).unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit, "0.1.0 modules are cached as 0.2.0 ones are");
+    assert_eq!(h.runtime.check(&component).unwrap(), Interface::V0_1);
+    let builtin = h.runtime.load(&h.builtin("start"), &cache).unwrap().0;
+    assert_eq!(h.runtime.check(&builtin).unwrap(), Interface::LATEST);
+    let run = |ctx| h.runtime.call(&component, ctx, LIMITS);
+
+    // start: 0.1.0 reads the note `restored-from` (which the host writes when it restores).
+    let (ctx, _) = h.context_noted("start c1", &[], &[], &[("restored-from", "gen-1")], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::Exit(0));
+    let (ctx, _) = h.context("start c1", &[], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+
+    // delete: runc.run, then state.forget.
+    let (ctx, recorder) = h.context("delete c1", &[], &[], 0);
+    let record_path = ctx.record_path.clone();
+    let (decision, ctx) = run(ctx);
+    assert_eq!(decision.unwrap(), Decision::Exit(0));
+    assert_eq!(ctx.ran_original, Some(0));
+    assert_eq!(recorder.calls.lock().unwrap()[0], strings(&format!("{GLOBALS} delete c1")));
+    assert!(!record_path.exists());
+
+    // Anything else: state.set and log.write.
+    let (ctx, _) = h.context("pause c1", &[], &[], 0);
+    let record_path = ctx.record_path.clone();
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    assert_eq!(Records::load(&record_path).unwrap().unwrap().notes.get("seen").map(String::as_str), Some("pause"));
+
+    // checkpoint: a refused key, then a flag 0.1.0's take does not carry.
+    let (ctx, _) = h.context("checkpoint --tcp-established c1", &[("ARCH_CHECKPOINT_KEY", "../../etc")], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    let (ctx, _) = h.context("checkpoint --leave-running c1", &[], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+    // create: key and list (nothing there yet): a fresh start.
+    let (ctx, _) = h.context("create --bundle /b c1", &[("ARCH_ENABLE", "1")], &[], 0);
+    assert_eq!(run(ctx).0.unwrap(), Decision::PassThrough);
+
+    let counters = h.counters();
+    for (series, n) in [
+        ("arch_checkpoint_attempts_total", 2),
+        ("arch_checkpoint_failures_total{reason=\"not_run\"}", 2),
+        ("arch_fresh_starts_total", 1),
+        // Its own count under a name that once stood for ARCH's family: a module event now.
+        ("arch_module_events_total{module=\"checkpoint\",name=\"checkpoint_attempts_total\"}", 2),
+    ] {
+        assert_eq!(counters.get(series), Some(&n), "{series}: {counters:?}");
+    }
+    assert_eq!(counters.get("arch_refused_keys_total"), None, "a refused key is counted at create only");
 }
 
 #[test]
@@ -216,9 +320,9 @@ fn requests_outside_the_container_are_refused() {
     let (ctx, _) = h.context("checkpoint --image-path /tmp/ctd c1", &[("MISBEHAVE", "escape")], &[], 0);
     let (decision, ctx) = h.run_file("arch-fixture-misbehave", ctx);
     let Decision::ExecRunc(args) = decision.unwrap() else { panic!("expected exec-runc") };
-    assert!(ctx.scoped_runc_argv(&args).unwrap_err().contains("only act on container c1"));
+    assert!(ctx.scope.runc_argv(&args).unwrap_err().contains("only act on container c1"));
 
-    let ok = |args: &str| ctx.scoped_runc_argv(&strings(args));
+    let ok = |args: &str| ctx.scope.runc_argv(&strings(args));
     assert_eq!(
         ok("checkpoint --image-path /tmp/ctd c1").unwrap(),
         strings(&format!("{GLOBALS} checkpoint --image-path /tmp/ctd c1"))

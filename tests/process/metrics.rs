@@ -81,10 +81,10 @@ fn archctl_metrics_parses_with_prometheus_parsers() {
     }
     let inst = Instance::new(Path::new("/bin/true"));
     let m = arch::metrics::Metrics::at(&inst.path("state"));
-    m.count_guest("checkpoint_attempts_total", 2).unwrap();
-    m.count_guest("checkpoint_failure_runc_total", 1).unwrap();
-    m.count_guest("checkpoint_images_bytes_total", 4096).unwrap();
-    m.count_guest("vendor_special_total", 1).unwrap();
+    m.count(arch::metrics::CHECKPOINT_ATTEMPTS, &[], 2);
+    m.count(arch::metrics::CHECKPOINT_FAILURES, &[("reason", "runc")], 1);
+    m.count(arch::metrics::CHECKPOINT_BYTES, &[("part", "images")], 4096);
+    m.count_guest("checkpoint", "vendor_special_total", 1).unwrap();
     for s in [0.003, 0.2, 7.0] {
         m.observe(arch::metrics::PHASE_DURATION, &[("operation", "checkpoint"), ("phase", "dump")], s);
     }
@@ -101,7 +101,7 @@ fn archctl_metrics_parses_with_prometheus_parsers() {
         "counter arch_checkpoint_attempts_total  2.0",
         "counter arch_checkpoint_failures_total reason=runc 1.0",
         "counter arch_checkpoint_bytes_total part=images 4096.0",
-        "counter arch_module_events_total name=vendor_special_total 1.0",
+        "counter arch_module_events_total module=checkpoint,name=vendor_special_total 1.0",
         "histogram arch_phase_duration_seconds_bucket le=0.005,operation=checkpoint,phase=dump 1.0",
         "histogram arch_phase_duration_seconds_bucket le=10,operation=checkpoint,phase=dump 3.0",
         "histogram arch_phase_duration_seconds_count operation=checkpoint,phase=dump 3.0",

@@ -3,7 +3,7 @@
 use super::CtlError;
 use crate::config::Config;
 use crate::modules::{self, Origin, BUILTINS};
-use crate::wasm::Runtime;
+use crate::wasm::{Interface, Runtime};
 use anyhow::Context;
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,8 @@ pub enum ModulesCommand {
     },
     /// Checks a module file as arch-runc would before using it as an
     /// override: ownership and mode, then that it compiles and fits the
-    /// handler world. Exit status 0 means it would be used, 5 refused for its
+    /// handler world of a WIT interface version the host serves (it says
+    /// which). Exit status 0 means it would be used, 5 refused for its
     /// ownership or mode, 4 not a usable module, 3 no such file.
     Check { file: PathBuf },
 }
@@ -49,7 +50,7 @@ fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
             (Some(refusal), _) => ("refused", format!("{refusal}; the builtin serves instead")),
             (None, Origin::Builtin) => ("builtin", String::new()),
             (None, Origin::Override(_)) => match compile_and_check(&runtime, module) {
-                Ok(()) => ("override", String::new()),
+                Ok(interface) => ("override", format!("built for {interface}")),
                 Err(e) => ("broken", format!("{e:#}; calls fail open to plain runc")),
             },
         };
@@ -80,7 +81,7 @@ fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn compile_and_check(runtime: &Runtime, module: &modules::Module) -> anyhow::Result<()> {
+fn compile_and_check(runtime: &Runtime, module: &modules::Module) -> anyhow::Result<Interface> {
     let component = wasmtime::component::Component::new(runtime.engine(), &module.wasm)?;
     runtime.check(&component)
 }
@@ -102,11 +103,12 @@ fn check(file: &Path) -> anyhow::Result<i32> {
         wasm: wasm.into(),
     };
     let runtime = Runtime::new()?;
+    let served = Interface::served();
     match compile_and_check(&runtime, &module)
-        .with_context(|| format!("{} does not fit arch:handler@0.1.0", file.display()))
+        .with_context(|| format!("{} does not fit arch:handler (this host serves {served})", file.display()))
     {
-        Ok(()) => {
-            println!("ok: {} fits arch:handler@0.1.0 (sha256 {})", file.display(), module.digest);
+        Ok(interface) => {
+            println!("ok: {} fits {interface} (sha256 {})", file.display(), module.digest);
             Ok(0)
         }
         Err(e) => {

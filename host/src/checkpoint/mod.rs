@@ -1,6 +1,6 @@
 //! The mechanism behind ARCH checkpoints. The policy (when to take, which
 //! generation to try, what to do on failure) is the modules'; what is here
-//! runs when a module asks (`host/src/wasm/capabilities.rs`).
+//! runs when a module asks (`host/src/wasm/host/checkpoints.rs`).
 //!
 //! `ctr task checkpoint` reaches arch-runc as `runc checkpoint`
 //! ([`crate::dispatch`] routes it to `modules/checkpoint`, which asks for
@@ -65,7 +65,7 @@ pub struct Target<'a> {
 }
 
 /// What went wrong in the mechanism. It becomes text only where it leaves
-/// the host: the WIT boundary (`wasm/capabilities.rs`), archctl, the log.
+/// the host: the WIT boundary (`wasm/host/checkpoints.rs`), archctl, the log.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // Before runc ran (a take) or before a generation was tried (a restore).

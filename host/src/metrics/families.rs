@@ -75,7 +75,8 @@ pub const EXITS: Family =
     counter("arch_exits_total", "Exits of ARCH-enabled containers seen by archctl watch, by outcome.");
 pub const CHECKPOINTS_REMOVED: Family =
     counter("arch_checkpoints_removed_total", "Checkpoint keys or generations removed, by reason.");
-pub const MODULE_EVENTS: Family = counter("arch_module_events_total", "Counters of custom modules, by name.");
+pub const MODULE_EVENTS: Family =
+    counter("arch_module_events_total", "Counters kept by handler modules, by module and name.");
 pub const THAWS: Family = counter(
     "arch_thaws_total",
     "Containers a killed arch-runc had left frozen, thawed, by who thawed them (arch-runc, watch).",

@@ -97,14 +97,14 @@ impl Metrics {
         self.write(&named);
     }
 
-    /// A counter named by a handler module.
-    pub fn count_guest(&self, name: &str, n: u64) -> Result<(), String> {
+    /// A counter named by a handler module serving `module`.
+    pub fn count_guest(&self, module: &str, name: &str, n: u64) -> Result<(), String> {
         if !valid_name(name) {
             return Err(format!("bad counter name {name:?}"));
         }
-        let (family, labels) = from_guest(name);
+        let (family, labels) = from_guest(module, name);
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.write(&[(family, &labels, Value::Count(n))]);
+        self.write(&[(family.name, &labels, Value::Count(n))]);
         Ok(())
     }
 
@@ -133,30 +133,13 @@ impl Metrics {
     }
 }
 
-/// Maps a counter name used by a handler module (the WIT `metrics.count`)
-/// to a family and labels.
-pub fn from_guest(name: &str) -> (&'static str, Vec<(&'static str, String)>) {
-    let reason = |r: &str| vec![("reason", r.to_owned())];
-    match name {
-        "checkpoint_attempts_total" => ("arch_checkpoint_attempts_total", vec![]),
-        "checkpoint_success_total" => ("arch_checkpoint_successes_total", vec![]),
-        "checkpoint_failure_runc_total" => ("arch_checkpoint_failures_total", reason("runc")),
-        "checkpoint_failure_incomplete_total" => ("arch_checkpoint_failures_total", reason("incomplete")),
-        "checkpoint_failure_not_run_total" => ("arch_checkpoint_failures_total", reason("not_run")),
-        "checkpoint_images_bytes_total" => ("arch_checkpoint_bytes_total", vec![("part", "images".into())]),
-        "checkpoint_rootfs_bytes_total" => ("arch_checkpoint_bytes_total", vec![("part", "rootfs".into())]),
-        "restore_attempts_total" => ("arch_restore_attempts_total", vec![]),
-        "restore_success_total" => ("arch_restore_successes_total", vec![]),
-        "restore_failure_total" => ("arch_restore_failures_total", vec![]),
-        "restore_invalid_total" => ("arch_generations_skipped_total", reason("invalid")),
-        "restore_incompatible_total" => ("arch_generations_skipped_total", reason("incompatible")),
-        "restore_refused_key_total" => ("arch_refused_keys_total", vec![]),
-        "restore_fallback_fresh_total" => ("arch_restore_fallbacks_total", vec![("outcome", "fresh".into())]),
-        "restore_failed_create_total" => ("arch_restore_fallbacks_total", vec![("outcome", "fail".into())]),
-        "create_fresh_total" => ("arch_fresh_starts_total", vec![]),
-        "quarantined_total" => ("arch_quarantines_total", vec![]),
-        _ => ("arch_module_events_total", vec![("name", name.to_owned())]),
-    }
+/// The series of a counter that a handler module keeps (the WIT
+/// `metrics.count`): its own event `name`, under the `module` (the
+/// subcommand it serves) that counted it. Checkpoint and restore outcomes
+/// are the host's to count (`crate::wasm`), so no name a module uses stands
+/// for one of ARCH's families.
+pub fn from_guest(module: &str, name: &str) -> (Family, Vec<(&'static str, String)>) {
+    (MODULE_EVENTS, vec![("module", module.to_owned()), ("name", name.to_owned())])
 }
 
 /// Metric names of modules are `[a-z0-9_]+`, at most 64 bytes.
@@ -171,20 +154,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guest_names_map_to_families() {
-        assert_eq!(
-            from_guest("checkpoint_failure_runc_total"),
-            ("arch_checkpoint_failures_total", vec![("reason", "runc".into())])
-        );
-        assert_eq!(from_guest("vendor_thing"), ("arch_module_events_total", vec![("name", "vendor_thing".into())]));
+    fn guest_counters_are_module_events_whatever_their_name() {
+        for name in ["checkpoint_failure_runc_total", "vendor_thing"] {
+            assert_eq!(
+                from_guest("checkpoint", name),
+                (MODULE_EVENTS, vec![("module", "checkpoint".into()), ("name", name.into())])
+            );
+        }
     }
 
     /// Every family a module's counter lands in is one ARCH describes.
     #[test]
     fn guest_families_are_registered() {
         for name in ["checkpoint_success_total", "restore_failed_create_total", "quarantined_total", "vendor_thing"] {
-            let (family, _) = from_guest(name);
-            assert!(FAMILIES.iter().any(|f| f.name == family), "{family}");
+            let (family, _) = from_guest("create", name);
+            assert!(FAMILIES.contains(&family), "{family:?}");
         }
     }
 
@@ -201,13 +185,13 @@ mod tests {
         let m = Metrics::new(&config);
         m.count(CHECKPOINT_BYTES, &[("part", "images")], 4096);
         m.record(&[(PHASE_DURATION, &[("phase", "dump")], Value::Seconds(0.2)), (QUARANTINES, &[], Value::Count(1))]);
-        m.count_guest("vendor_thing", 2).unwrap();
-        assert!(m.count_guest("Bad-Name", 1).is_err());
+        m.count_guest("checkpoint", "vendor_thing", 2).unwrap();
+        assert!(m.count_guest("checkpoint", "Bad-Name", 1).is_err());
         let snap = m.read().unwrap();
         assert_eq!(snap.counters.len(), 3, "{snap:?}");
         assert_eq!(snap.total("arch_checkpoint_bytes_total"), 4096);
         assert_eq!(snap.histograms["arch_phase_duration_seconds{phase=\"dump\"}"].count, 1);
-        assert_eq!(snap.counters["arch_module_events_total{name=\"vendor_thing\"}"], 2);
+        assert_eq!(snap.counters["arch_module_events_total{module=\"checkpoint\",name=\"vendor_thing\"}"], 2);
         assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 4);
     }
 

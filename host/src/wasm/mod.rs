@@ -1,32 +1,36 @@
-//! The handler runtime: wasmtime running `arch:handler@0.1.0` components.
+//! The handler runtime: wasmtime running `arch:handler` components of every
+//! version the host serves ([`Interface`]: 0.1.0 and 0.2.0, side by side).
 //!
 //! Every call gets a fresh store with a fuel budget (guest instructions only,
 //! so a long runc run inside a host call does not count against it) and a
 //! memory cap; WASI is linked because Rust's std imports it, with nothing
 //! granted: no files, no network, no env, no stdio.
+//!
+//! - `versions.rs`: each version's bindings, telling a component's version,
+//!   the call's arguments in its terms;
+//! - `host/`: the capabilities behind the imports, one file per interface;
+//! - `context.rs`: what a call's imports act on; `scope.rs`: what they may
+//!   touch; `outcomes.rs`: what the host counts of checkpoints and restores;
+//! - `cache.rs`: precompiled modules.
 
 mod cache;
-mod capabilities;
+mod context;
+mod host;
+mod outcomes;
+mod scope;
+mod versions;
 
 pub use cache::{entry_path, CacheOutcome};
-pub use capabilities::{CallContext, ChildRunc, RuncRunner};
+pub use context::{CallContext, ChildRunc, RuncRunner};
+pub use scope::{Scope, RUNC_SUBCOMMANDS};
+pub use versions::Interface;
 
 use crate::modules::Module;
 use std::path::Path;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use std::sync::OnceLock;
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.1.0",
-        world: "handler",
-        imports: { default: trappable },
-    });
-}
-
-pub use bindings::arch::handler::types as wit;
-use bindings::{Handler, HandlerPre};
 
 /// What a decision tells arch-runc to do (see the WIT `decision`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,17 +39,6 @@ pub enum Decision {
     ExecRunc(Vec<String>),
     Exit(i32),
     Fail(String),
-}
-
-impl From<wit::Decision> for Decision {
-    fn from(d: wit::Decision) -> Self {
-        match d {
-            wit::Decision::PassThrough => Decision::PassThrough,
-            wit::Decision::ExecRunc(args) => Decision::ExecRunc(args),
-            wit::Decision::Exit(code) => Decision::Exit(code),
-            wit::Decision::Fail(msg) => Decision::Fail(msg),
-        }
-    }
 }
 
 /// Per-call resource limits.
@@ -70,7 +63,9 @@ impl WasiView for HostState {
 
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<HostState>,
+    /// Each version's linker, made when a module of that version is first
+    /// checked or called (a call needs one).
+    linkers: [OnceLock<Linker<HostState>>; Interface::ALL.len()],
 }
 
 impl Runtime {
@@ -78,10 +73,16 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.consume_fuel(true);
         let engine = Engine::new(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        Handler::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime { engine, linkers: Default::default() })
+    }
+
+    fn linker(&self, interface: Interface) -> anyhow::Result<&Linker<HostState>> {
+        let cell = &self.linkers[interface as usize];
+        if let Some(linker) = cell.get() {
+            return Ok(linker);
+        }
+        let linker = versions::linker(&self.engine, interface)?;
+        Ok(cell.get_or_init(|| linker))
     }
 
     pub fn engine(&self) -> &Engine {
@@ -93,14 +94,17 @@ impl Runtime {
         cache::component(&self.engine, cache_dir, &module.wasm, &module.digest)
     }
 
-    /// Checks that a component fits the handler world and what the host links.
-    pub fn check(&self, component: &Component) -> anyhow::Result<()> {
-        HandlerPre::new(self.linker.instantiate_pre(component)?)?;
-        Ok(())
+    /// The interface version a component was built for, once checked that
+    /// it fits that version's handler world and what the host links.
+    pub fn check(&self, component: &Component) -> anyhow::Result<Interface> {
+        let interface = Interface::of(&self.engine, component)?;
+        versions::check(self.linker(interface)?, component, interface)?;
+        Ok(interface)
     }
 
     /// Runs the handler once. The context comes back whatever happened, so the
-    /// caller can see what the guest did before it failed.
+    /// caller can see what the guest did before it failed. A decision is
+    /// settled first: the host counts what a `create` came to.
     pub fn call(
         &self,
         component: &Component,
@@ -120,39 +124,17 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         let result = self.run(&mut store, component, limits.fuel);
-        (result, store.into_data().ctx)
+        let ctx = store.into_data().ctx;
+        if let (Ok(decision), true) = (&result, ctx.is_create()) {
+            ctx.outcomes.settle(&ctx.metrics, decision);
+        }
+        (result, ctx)
     }
 
     fn run(&self, store: &mut Store<HostState>, component: &Component, fuel: u64) -> anyhow::Result<Decision> {
         store.set_fuel(fuel)?;
-        let pre = HandlerPre::new(self.linker.instantiate_pre(component)?)?;
-        let handler = pre.instantiate(&mut *store)?;
-        let (call, container) = wit_arguments(&store.data().ctx);
-        Ok(handler.call_handle(&mut *store, &call, &container)?.into())
+        let interface = Interface::of(&self.engine, component)?;
+        tracing::debug!(interface = interface.version(), "calling the module");
+        versions::call(store, self.linker(interface)?, component, interface)
     }
-}
-
-/// The call as the WIT world describes it.
-fn wit_arguments(ctx: &CallContext) -> (wit::Invocation, wit::Container) {
-    let inv = &ctx.invocation;
-    let flags = |flags: &[crate::argv::Flag]| {
-        flags.iter().map(|f| wit::Flag { name: f.name.clone(), value: f.value.clone() }).collect()
-    };
-    let call = wit::Invocation {
-        argv: inv.argv.clone(),
-        global_flags: flags(&inv.global),
-        subcommand_argv: inv.subcommand_argv().to_vec(),
-        subcommand: inv.subcommand.unwrap_or_default().to_owned(),
-        flags: flags(&inv.flags),
-        container_id: ctx.id.clone(),
-        args: inv.args.clone(),
-    };
-    let container = wit::Container {
-        namespace: ctx.namespace.clone(),
-        id: ctx.id.clone(),
-        bundle: ctx.bundle.display().to_string(),
-        env: ctx.facts.env.clone(),
-        annotations: ctx.facts.annotations.clone(),
-    };
-    (call, container)
 }

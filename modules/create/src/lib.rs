@@ -4,9 +4,11 @@
 //! this machine and restores becomes the container (`runc restore` in place
 //! of `runc create`); what fails to restore is quarantined so it is never
 //! retried. With none, the container starts fresh (or, with
-//! `ARCH_RESTORE_FAILURE=fail`, the create fails).
+//! `ARCH_RESTORE_FAILURE=fail`, the create fails). The host counts what
+//! comes of it (attempts, skips, quarantines, fallbacks, fresh starts) and
+//! records the generation restored from for the container's `start`.
 use arch_guest_sdk::checkpoints;
-use arch_guest_sdk::{log, metrics, state, Container, Decision, Handler, Invocation};
+use arch_guest_sdk::{log, Container, Decision, Handler, Invocation};
 
 struct Create;
 
@@ -16,7 +18,6 @@ impl Handler for Create {
         let key = match checkpoints::key() {
             Ok(key) => key,
             Err(why) => {
-                metrics::count("restore_refused_key_total", 1);
                 log::error(&format!("create {id}: no checkpoints available ({why}); starting fresh"));
                 return Decision::PassThrough;
             }
@@ -32,31 +33,23 @@ impl Handler for Create {
         for (name, generation) in generations {
             if let Err(why) = generation {
                 tried = true;
-                metrics::count("restore_invalid_total", 1);
                 set_aside(&name, &format!("invalid: {why}"));
                 continue;
             }
             if let Err(why) = checkpoints::check(&name) {
                 // Fine elsewhere, perhaps: skipped here, not quarantined.
-                metrics::count("restore_incompatible_total", 1);
                 log::warn(&format!("create {id}: {name} cannot be restored here: {why}"));
                 continue;
             }
             tried = true;
-            metrics::count("restore_attempts_total", 1);
             match checkpoints::restore(&name) {
                 Ok(0) => {
-                    metrics::count("restore_success_total", 1);
-                    if let Err(e) = state::set("restored-from", &name) {
-                        log::error(&format!("create {id}: restored but not recorded: {e}"));
-                    }
                     log::info(&format!("create {id}: restored from {key}/{name}"));
                     return Decision::Exit(0);
                 }
                 Ok(status) => set_aside(&name, &format!("runc restore exited with status {status}")),
                 Err(why) => set_aside(&name, &why),
             }
-            metrics::count("restore_failure_total", 1);
         }
         fresh(&container, tried)
     }
@@ -64,7 +57,6 @@ impl Handler for Create {
 
 fn set_aside(name: &str, why: &str) {
     log::warn(&format!("generation {name}: {why}; quarantined"));
-    metrics::count("quarantined_total", 1);
     if let Err(e) = checkpoints::quarantine(name, why) {
         log::error(&format!("quarantining {name}: {e}"));
     }
@@ -74,16 +66,11 @@ fn set_aside(name: &str, why: &str) {
 fn fresh(container: &Container, tried: bool) -> Decision {
     let policy = container.env("ARCH_RESTORE_FAILURE").unwrap_or("fresh");
     if tried && policy.eq_ignore_ascii_case("fail") {
-        metrics::count("restore_failed_create_total", 1);
         return Decision::Fail(format!(
             "ARCH: no checkpoint of {} could be restored (ARCH_RESTORE_FAILURE=fail)",
             container.id
         ));
     }
-    if tried {
-        metrics::count("restore_fallback_fresh_total", 1);
-    }
-    metrics::count("create_fresh_total", 1);
     log::info(&format!("create {}/{}: starting fresh", container.namespace, container.id));
     Decision::PassThrough
 }

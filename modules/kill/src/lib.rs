@@ -6,16 +6,17 @@
 //! `--leave-running`, then the signal goes exactly as asked: a job that
 //! really stops still gets its SIGTERM, only later by the checkpoint's time.
 //! Whatever becomes of the checkpoint, the signal is never withheld. The host
-//! counts the trigger and its failures (`arch_trigger*`).
-use arch_guest_sdk::checkpoints::{self, CheckpointError, CheckpointOptions};
+//! counts the trigger and its failures (`arch_trigger*`), and the checkpoint
+//! as every other (`arch_checkpoint_*`).
+use arch_guest_sdk::checkpoints::{self, CheckpointError, CheckpointOptions, CriuOptions};
 use arch_guest_sdk::{log, Container, Decision, Handler, Invocation};
 
 struct Kill;
 
 impl Handler for Kill {
     fn handle(_call: Invocation, container: Container) -> Decision {
-        let options = CheckpointOptions { leave_running: true, runc_flags: Vec::new(), export_images: false };
-        match checkpoints::take(&options) {
+        let options = CheckpointOptions { leave_running: true, criu: CriuOptions::empty(), export_images: false };
+        match checkpoints::take(options) {
             Ok(generation) => {
                 log::info(&format!(
                     "stop {}: published {} under {}; the signal goes now",

@@ -1,13 +1,13 @@
 //! `start`: a container that `create` restored is already running, so its
 //! start succeeds without runc (runc would answer "cannot start an already
 //! running container"); any other container starts as runc starts it.
-use arch_guest_sdk::{log, state, Container, Decision, Handler, Invocation};
+use arch_guest_sdk::{log, Container, Decision, Handler, Invocation};
 
 struct Start;
 
 impl Handler for Start {
     fn handle(_call: Invocation, container: Container) -> Decision {
-        match state::get("restored-from") {
+        match &container.history.restored_from {
             Some(generation) => {
                 log::info(&format!("start {}: restored from {generation}, already running", container.id));
                 Decision::Exit(0)
