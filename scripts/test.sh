@@ -19,8 +19,7 @@ cargo clippy --release -p arch-host --all-targets --quiet -- -D warnings
 step "clippy (guests, wasm32-wasip2)"
 cargo clippy --release --target wasm32-wasip2 --quiet \
   -p arch-guest-sdk -p arch-module-create -p arch-module-start -p arch-module-checkpoint \
-  -p arch-module-resume -p arch-module-delete -p arch-module-kill -p arch-module-example-vendor -p arch-fixture-misbehave \
-  -p arch-fixture-v0-1 \
+  -p arch-module-resume -p arch-module-delete -p arch-module-kill -p arch-module-example-vendor -p arch-fixture-misbehave -p arch-fixture-v0-1 \
   -- -D warnings
 step "tests"
 cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
