@@ -124,7 +124,9 @@ fn a_sigterm_is_checkpointed_first_then_delivered_and_the_job_resumes_from_befor
     // The next run of the job continues from the checkpoint, not the shutdown.
     start_armed(&ctd, "job2", &["ARCH_CHECKPOINT_KEY=jobs/stop"], GRACEFUL);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(count(&ctd, "job2") >= before);
+    let after = count(&ctd, "job2");
+    let said: Vec<_> = ctd.inst.log().into_iter().filter(|r| r.to_string().contains("job2")).collect();
+    assert!(after >= before, "{before} -> {after}: {said:?}");
     assert_eq!(exec(&ctd, "job2", "cat /data/term 2>/dev/null || echo none").trim(), "none");
     // A SIGKILL never waits and is never checkpointed.
     let gens = generations(&dir);
