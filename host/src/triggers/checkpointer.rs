@@ -23,6 +23,8 @@ pub struct Candidate {
     /// Its checkpoint key's directory: what "one at a time" is about.
     pub key_dir: PathBuf,
     pub key: String,
+    /// Where that key lives, for reading its generations through the store.
+    pub location: key::Location,
 }
 
 /// What to do if the key already has a checkpoint in flight.
@@ -106,9 +108,13 @@ impl Checkpointer {
                 continue;
             }
             match key::locate(&self.config, &record.namespace, &record.id, &record.facts) {
-                Ok(location) => {
-                    found.push(Candidate { record_path: path, key_dir: location.dir, key: location.key, record })
-                }
+                Ok(location) => found.push(Candidate {
+                    record_path: path,
+                    key_dir: location.dir.clone(),
+                    key: location.key.clone(),
+                    location,
+                    record,
+                }),
                 Err(e) => tracing::debug!(target: "arch::watch", id = %record.id, error = %e, "no usable key"),
             }
         }
@@ -194,12 +200,13 @@ impl Checkpointer {
         };
         // A generation is named after the arch-runc that took it.
         let suffix = format!("-{pid}");
-        let published = std::fs::read_dir(c.key_dir.join(".arch/generations"))
+        // The store lists real generation directories only, never links.
+        let published = crate::checkpoint::store::Store::new(&c.location)
+            .generations()
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .find(|name| name.starts_with("gen-") && name.ends_with(&suffix));
+            .map(|g| g.name)
+            .find(|name| name.ends_with(&suffix));
         match published {
             Some(name) if status == 0 => Outcome::Published(name),
             _ => Outcome::NotPublished(status),

@@ -118,28 +118,18 @@ pub fn interval_secs(config: &Config, env: &[(String, String)]) -> u64 {
 /// Whether `runc kill <id> [signal]` sends SIGTERM: runc's default, and the
 /// signal as runc parses it (a number, or a name with or without `SIG`, in any case).
 pub fn is_term(signal: Option<&str>) -> bool {
-    match signal.map(str::trim) {
-        None | Some("") => true,
-        Some(s) => {
-            s == "15" || {
-                let upper = s.to_ascii_uppercase();
-                upper.strip_prefix("SIG").unwrap_or(&upper) == "TERM"
-            }
-        }
-    }
+    signal.map(str::trim).is_none_or(|s| s.is_empty() || names(s, 15, "TERM"))
 }
 
 /// Whether `runc kill <id> [signal]` sends SIGKILL (which never waits).
 pub fn is_kill(signal: Option<&str>) -> bool {
-    match signal.map(str::trim) {
-        Some(s) => {
-            s == "9" || {
-                let upper = s.to_ascii_uppercase();
-                upper.strip_prefix("SIG").unwrap_or(&upper) == "KILL"
-            }
-        }
-        None => false,
-    }
+    signal.map(str::trim).is_some_and(|s| names(s, 9, "KILL"))
+}
+
+/// Whether runc reads `signal` as the signal `number` called `SIG<name>`.
+fn names(signal: &str, number: u8, name: &str) -> bool {
+    let upper = signal.to_ascii_uppercase();
+    signal == number.to_string() || upper.strip_prefix("SIG").unwrap_or(&upper) == name
 }
 
 #[cfg(test)]

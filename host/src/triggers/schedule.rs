@@ -31,7 +31,7 @@ pub async fn watch(checkpointer: Checkpointer) {
             let now = crate::util::time::now_ms();
             if seen_first {
                 // First sight: the clock starts at its newest checkpoint, or now.
-                let since = newest_generation_ms(&c.key_dir).unwrap_or(now);
+                let since = newest_generation_ms(&c.location).unwrap_or(now);
                 last.insert(c.record_path.clone(), since);
                 continue;
             }
@@ -64,12 +64,9 @@ fn due(
         .collect()
 }
 
-/// When the newest generation under `key_dir` was taken (from its name).
-fn newest_generation_ms(key_dir: &Path) -> Option<u64> {
-    std::fs::read_dir(key_dir.join(".arch/generations"))
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|name| name.strip_prefix("gen-")?.split('-').next()?.parse().ok())
-        .max()
+/// When the key's newest generation was taken (from its name, `gen-<ms>-<pid>`),
+/// listed through the store (real generation directories only, never links).
+fn newest_generation_ms(location: &crate::checkpoint::key::Location) -> Option<u64> {
+    let newest = crate::checkpoint::store::Store::new(location).generations().ok()?.into_iter().next()?;
+    newest.name.strip_prefix("gen-")?.split('-').next()?.parse().ok()
 }
