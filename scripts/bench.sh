@@ -14,8 +14,13 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 runs=2000 create_runs=200
 [ "${1:-}" = --quick ] && runs=200 create_runs=20
 command -v hyperfine >/dev/null || apt-get install -y -q hyperfine >/dev/null
-(cd "$repo" && cargo build --release --quiet)
-bin=$(bash "$repo/scripts/bin-dir.sh")
+# ARCH_BIN_DIR: bench the arch-runc in that directory instead (an older build, side by side).
+if [ -n "${ARCH_BIN_DIR:-}" ]; then
+  bin=$ARCH_BIN_DIR
+else
+  (cd "$repo" && cargo build --release --quiet)
+  bin=$(bash "$repo/scripts/bin-dir.sh")
+fi
 runc=$(command -v runc)
 
 work=$(mktemp -d /tmp/arch-bench.XXXXXX)

@@ -265,6 +265,20 @@ impl Digest {
     }
 }
 
+/// In JSON, the 64 lowercase hex digits (chunk lists name chunks by digest).
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let hex = <std::borrow::Cow<str>>::deserialize(d)?;
+        Digest::from_hex(&hex).ok_or_else(|| serde::de::Error::custom("not 64 lowercase hex digits"))
+    }
+}
+
 impl From<blake3::Hash> for Digest {
     fn from(hash: blake3::Hash) -> Digest {
         Digest(*hash.as_bytes())

@@ -28,6 +28,7 @@
 
 pub mod archive;
 pub mod catalog;
+pub mod chunks;
 pub mod compat;
 pub mod freeze;
 pub mod key;
