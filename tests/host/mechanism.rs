@@ -411,3 +411,106 @@ fn a_stop_deadline_abandons_the_checkpoint_and_thaws() {
     assert_eq!(f.names(), [first]);
     assert_eq!(f.arch_entries(), ["generations"]);
 }
+
+/// What `checkpoint::boot` stamps a tool with (device, inode, mtime, size of
+/// the binary on PATH; empty if there is none), so that a fact cached for it holds.
+fn tool_stamp(tool: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.is_file());
+    match found.and_then(|p| std::fs::metadata(p).ok()) {
+        Some(m) => format!("{}:{}:{}.{}:{}", m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()),
+        None => String::new(),
+    }
+}
+
+#[test]
+fn a_periodic_checkpoint_pre_dumps_where_dirty_pages_are_tracked_and_restores_with_the_parent() {
+    let mut f = Fixture::new(Mode::Basic);
+    f.config.checkpoint_storage = arch::config::Storage::Chunks;
+    // This boot's facts say the kernel tracks dirty pages (as `criu check` would have).
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_owned();
+    let facts = serde_json::json!({
+        "boot_id": boot_id,
+        "values": { "mem_dirty_track": [tool_stamp("criu"), "yes"] },
+    });
+    std::fs::create_dir_all(f.config.state_dir.join("boot")).unwrap();
+    std::fs::write(f.config.state_dir.join("boot/facts.json"), serde_json::to_vec(&facts).unwrap()).unwrap();
+    // runc as the fake, but a restore first says what its images directory holds of the parent.
+    let wrapper = f.path("runc-wrapper");
+    let script = format!(
+        r#"#!/bin/sh
+prev=
+for a in "$@"; do
+  if [ "$prev" = --image-path ] && [ "$sub" = restore ]; then
+    {{ readlink "$a/parent"; cat "$a/parent/fake-dump.img" "$a/fake-dump.img"; }} > {dir}/restore-saw 2>&1
+  fi
+  [ "$a" = restore ] && sub=restore
+  prev=$a
+done
+exec {fake} "$@"
+"#,
+        dir = f.dir.path().display(),
+        fake = f.dir.path().join("criu-runc").display(),
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let globals = f.runc.globals().to_vec();
+    f.runc = Runc::at(&wrapper).with_globals(&globals);
+    f.set("status", "running");
+
+    let taken = checkpoint::take(&TakeRequest {
+        target: f.target(),
+        namespace: "default",
+        leave_running: true,
+        options: Default::default(),
+        export_images_to: None,
+        trigger: Trigger::now(Kind::Interval),
+        deadline: None,
+    })
+    .unwrap_or_else(|e| panic!("take: {e}"));
+
+    // The pre-dump ran first, while the container ran, into `parent/`; the dump, frozen, on top of it.
+    assert_eq!(f.subcommands(), ["checkpoint", "state", "pause", "checkpoint", "resume"]);
+    let text = std::fs::read_to_string(f.path("calls")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {text}"));
+    let predump = at(" checkpoint --pre-dump --image-path ");
+    let parent_image = lines[predump + 1].strip_prefix("image ").unwrap();
+    assert!(parent_image.ends_with(&format!("/{}/parent", taken.generation.name)), "{parent_image}");
+    let dump = at(" --parent-path ../parent ");
+    assert!(dump > predump && lines[dump].contains(" --leave-running "), "{text}");
+    let images = lines[dump + 1].strip_prefix("image ").unwrap();
+    assert_eq!(Path::new(images).parent(), Path::new(parent_image).parent(), "siblings, as ../parent says");
+    assert!(taken.metadata.phases_ms.contains_key("predump"), "{:?}", taken.metadata.phases_ms);
+    assert_eq!(taken.metadata.storage.as_deref(), Some("chunks"));
+
+    // Both image sets are in the generation, as chunk lists.
+    let published = f.arch_dir().join("generations").join(&taken.generation.name);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(published.join("manifest.json")).unwrap()).unwrap();
+    let chunked: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["chunks"].is_array())
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    for file in ["images/inventory.img", "images/fake-dump.img", "parent/inventory.img", "parent/fake-dump.img"] {
+        assert!(chunked.contains(&file), "{file} in {chunked:?}");
+    }
+    assert!(!published.join("images").exists() && !published.join("parent").exists(), "chunks, not files");
+
+    // The restore assembles both, `images/parent` linking to the parent as CRIU expects.
+    assert_eq!(f.restore(&taken.generation.name).unwrap(), 0);
+    assert_eq!(f.restored(), "dump 2");
+    let saw = std::fs::read_to_string(f.path("restore-saw")).unwrap();
+    assert_eq!(saw, "../parent\ndump 1\ndump 2\n", "what runc restore found");
+    let staging = f.config.state_dir.join("staging");
+    assert_eq!(std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0), 0, "no scratch left");
+
+    // Not periodic: no pre-dump.
+    std::fs::remove_file(f.path("calls")).unwrap();
+    f.take_with(true, None, None).unwrap_or_else(|e| panic!("take: {e}"));
+    assert_eq!(f.subcommands(), ["state", "pause", "checkpoint", "resume"]);
+}
