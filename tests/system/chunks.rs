@@ -224,14 +224,14 @@ fn second_generation_writes_only_what_changed() {
 }
 
 /// Counts as [`COUNTER`] with `layer_mib` MiB of noise in /data/big; each
-/// time /data/go appears, another 32 MiB of noise goes into memory (a new
+/// time /data/go appears, another 24 MiB of noise goes into memory (a new
 /// `sort`), /data/fed saying when it is in.
 fn ballast_on_demand(layer_mib: u32) -> String {
     format!(
         "head -c {layer_mib}m /dev/urandom > /data/big; i=0; exec 3>>/data/held.log; \
          while true; do \
            if [ -f /data/go ]; then rm -f /data/go; \
-             (head -c 32m /dev/urandom; touch /data/fed; sleep 100000) | sort > /dev/null & fi; \
+             (head -c 24m /dev/urandom; touch /data/fed; sleep 100000) | sort > /dev/null & fi; \
            i=$((i+1)); echo $i > /data/count; echo $i >&3; sleep 0.1; \
          done"
     )
@@ -293,7 +293,7 @@ fn publish_killed_midway_leaves_the_previous_generation_good() {
     let ctd = Containerd::start("arch-chunks-killed");
     let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
     let root = ctd.runc_root();
-    start_script(&ctd, "job", &[], &ballast_on_demand(96));
+    start_script(&ctd, "job", &[], &ballast_on_demand(64));
     let mut counted = count(&ctd, "job");
     let mut good = checkpoint(&ctd, "job", false, &key_dir);
     let read_gen = |gen: &str| {
@@ -307,7 +307,7 @@ fn publish_killed_midway_leaves_the_previous_generation_good() {
             match moment {
                 // New content for the layer's big file: all of it to store again.
                 Moment::Layer => {
-                    exec(&ctd, "job", "head -c 96m /dev/urandom > /data/big.new && mv /data/big.new /data/big");
+                    exec(&ctd, "job", "head -c 64m /dev/urandom > /data/big.new && mv /data/big.new /data/big");
                 }
                 // New memory: the images have new chunks to store.
                 Moment::Images => {
@@ -353,7 +353,7 @@ fn publish_killed_midway_leaves_the_previous_generation_good() {
 
     // The good one restores.
     remove(&ctd, "job");
-    start_script(&ctd, "job", &[], &ballast_on_demand(96));
+    start_script(&ctd, "job", &[], &ballast_on_demand(64));
     assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(good.as_str()));
     let after = count(&ctd, "job");
     assert!(after >= counted, "the count continues from {counted}, got {after}");
@@ -365,7 +365,7 @@ fn publish_killed_midway_leaves_the_previous_generation_good() {
     assert!(listed(&gen_dir(&key_dir, &later)).iter().all(|c| chunk_path(&key_dir, c).is_file()));
     check_chunks_whole(&key_dir);
     remove(&ctd, "job");
-    start_script(&ctd, "job", &[], &ballast_on_demand(96));
+    start_script(&ctd, "job", &[], &ballast_on_demand(64));
     assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(later.as_str()));
     assert!(count(&ctd, "job") >= counted);
     remove(&ctd, "job");
@@ -397,8 +397,8 @@ fn two_nodes_checkpoint_into_one_root_at_once() {
 
     // Two keys, one on each node, at the same time.
     let (dir_a, dir_b) = (shared.path().join("nodes/a"), shared.path().join("nodes/b"));
-    start_script(&a, "ja", &["ARCH_CHECKPOINT_KEY=nodes/a"], &loaded(24, 8));
-    start_script(&b, "jb", &["ARCH_CHECKPOINT_KEY=nodes/b"], &loaded(24, 8));
+    start_script(&a, "ja", &["ARCH_CHECKPOINT_KEY=nodes/a"], &loaded(12, 8));
+    start_script(&b, "jb", &["ARCH_CHECKPOINT_KEY=nodes/b"], &loaded(12, 8));
     let (count_a, count_b) = (count(&a, "ja"), count(&b, "jb"));
     let (gen_a, gen_b) = std::thread::scope(|s| {
         let on_a = s.spawn(|| checkpoint(&a, "ja", false, &dir_a));
@@ -412,8 +412,8 @@ fn two_nodes_checkpoint_into_one_root_at_once() {
     remove(&a, "ja");
     remove(&b, "jb");
     // Each restores on the other node.
-    start_script(&b, "ja", &["ARCH_CHECKPOINT_KEY=nodes/a"], &loaded(24, 8));
-    start_script(&a, "jb", &["ARCH_CHECKPOINT_KEY=nodes/b"], &loaded(24, 8));
+    start_script(&b, "ja", &["ARCH_CHECKPOINT_KEY=nodes/a"], &loaded(12, 8));
+    start_script(&a, "jb", &["ARCH_CHECKPOINT_KEY=nodes/b"], &loaded(12, 8));
     assert_eq!(restored_from(&b.inst, "ja").as_deref(), Some(gen_a.as_str()));
     assert_eq!(restored_from(&a.inst, "jb").as_deref(), Some(gen_b.as_str()));
     assert!(count(&b, "ja") >= count_a && count(&a, "jb") >= count_b);
@@ -423,8 +423,8 @@ fn two_nodes_checkpoint_into_one_root_at_once() {
     // One key from both nodes at once: the key's lock makes them take turns.
     let dir = shared.path().join("nodes/one");
     let env = ["ARCH_CHECKPOINT_KEY=nodes/one"];
-    start_script(&a, "one", &env, &loaded(24, 8));
-    start_script(&b, "one", &env, &loaded(24, 8));
+    start_script(&a, "one", &env, &loaded(12, 8));
+    start_script(&b, "one", &env, &loaded(12, 8));
     let counted = count(&a, "one").min(count(&b, "one"));
     let (root_a, root_b) = (a.runc_root(), b.runc_root());
     let mut on_a = arch_runc_direct(&a, &root_a, &["checkpoint", "--leave-running", "one"]).spawn().unwrap();
@@ -446,7 +446,7 @@ fn two_nodes_checkpoint_into_one_root_at_once() {
     check_chunks_whole(&dir);
     remove(&a, "one");
     remove(&b, "one");
-    start_script(&a, "one", &env, &loaded(24, 8));
+    start_script(&a, "one", &env, &loaded(12, 8));
     assert_eq!(restored_from(&a.inst, "one").as_deref(), Some(second.as_str()), "the newest restores");
     assert!(count(&a, "one") >= counted);
     for node in [&a, &b] {
@@ -525,7 +525,7 @@ fn gc_racing_a_checkpoint_on_another_node() {
         for _ in 0..4 {
             rewrite();
             let gen = checkpoint(&b, "job", false, &key_dir);
-            assert_eq!(generations(&key_dir), [gen.clone()], "keep_generations 1");
+            assert_eq!(generations(&key_dir), std::slice::from_ref(&gen), "keep_generations 1");
             assert!(
                 listed(&gen_dir(&key_dir, &gen)).iter().all(|c| chunk_path(&key_dir, c).is_file()),
                 "{gen}: every chunk it lists is there"
@@ -658,14 +658,14 @@ fn restore_from_a_cold_and_a_warm_chunk_cache() {
     let (a, cache_a) = node("arch-chunks-cache-a");
     let key_dir = shared.path().join("cached/job");
     let env = ["ARCH_CHECKPOINT_KEY=cached/job"];
-    start_script(&a, "job", &env, &loaded(16, 8));
+    start_script(&a, "job", &env, &loaded(8, 8));
     let gen1 = checkpoint(&a, "job", false, &key_dir);
     assert!(dir_count(&cache_a) as u64 >= sizes(&key_dir, &gen1).1, "the take filled the cache");
 
     // Cold: the cache emptied, everything comes from the share (and goes into the cache).
     empty_dir(&cache_a);
     remove(&a, "job");
-    start_script(&a, "job", &env, &loaded(16, 8));
+    start_script(&a, "job", &env, &loaded(8, 8));
     assert_eq!(restored_from(&a.inst, "job").as_deref(), Some(gen1.as_str()));
     // (A chunk listed twice is read from the store once, then from the cache.)
     let (total, distinct) = sizes(&key_dir, &gen1);
@@ -678,7 +678,7 @@ fn restore_from_a_cold_and_a_warm_chunk_cache() {
     exec(&a, "job", "echo warm > /data/warm");
     let gen2 = checkpoint(&a, "job", false, &key_dir);
     remove(&a, "job");
-    start_script(&a, "job", &env, &loaded(16, 8));
+    start_script(&a, "job", &env, &loaded(8, 8));
     assert_eq!(restored_from(&a.inst, "job").as_deref(), Some(gen2.as_str()));
     let (from_cache, from_store) = chunks_read(&a.inst);
     assert_eq!((from_cache, from_store), (sizes(&key_dir, &gen2).0, 0), "warm: all from the cache");
@@ -687,7 +687,7 @@ fn restore_from_a_cold_and_a_warm_chunk_cache() {
 
     // Another node, its own empty cache: from the share.
     let (b, cache_b) = node("arch-chunks-cache-b");
-    start_script(&b, "job", &env, &loaded(16, 8));
+    start_script(&b, "job", &env, &loaded(8, 8));
     assert_eq!(restored_from(&b.inst, "job").as_deref(), Some(gen2.as_str()));
     let (total, distinct) = sizes(&key_dir, &gen2);
     let (from_cache, from_store) = chunks_read(&b.inst);
