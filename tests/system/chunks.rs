@@ -219,6 +219,7 @@ fn second_generation_writes_only_what_changed() {
     let after = count(&ctd, "job");
     assert!(after >= before, "the count continues from {before}, got {after}");
     assert_eq!(exec(&ctd, "job", "cat /data/small").trim(), "a little");
+    assert!(!ctd.inst.path("cache/chunks").exists(), "Basic mode keeps no chunk cache");
     assert!(errors(&ctd.inst).is_empty(), "{:?}", errors(&ctd.inst));
     remove(&ctd, "job");
 }

@@ -202,6 +202,14 @@ impl ChunkStore {
         Ok(data)
     }
 
+    /// Keeps this machine's cache within its bound, if the store reads
+    /// through one (Network FS mode): a Basic mode restore has none to trim.
+    pub fn trim_cache(&self) {
+        if let Some(cache) = &self.cache {
+            let _ = cache.trim();
+        }
+    }
+
     /// Chunks read so far from this machine's cache, and from the store.
     pub fn reads(&self) -> (u64, u64) {
         (self.from_cache.load(Ordering::Relaxed), self.from_store.load(Ordering::Relaxed))

@@ -91,9 +91,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     if let Some(chunks) = &chunks {
         let (from_cache, from_store) = chunks.reads();
         tracing::info!(id = req.target.id, generation = name, from_cache, from_store, "chunks read");
-        if let Some(cache) = config.chunk_cache() {
-            let _ = cache.trim();
-        }
+        chunks.trim_cache();
     }
     let (images, _images_dir, (phase, images_ms)) = images?;
     phases.insert(phase, images_ms);
