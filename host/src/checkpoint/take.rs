@@ -388,6 +388,9 @@ fn capture_layer_chunks(
     };
     let Some(upper) = upper else {
         frozen.thaw();
+        if req.leave_running {
+            phases.end_from_start("freeze");
+        }
         tracing::warn!(id = req.target.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
         return Ok(Vec::new());
     };
