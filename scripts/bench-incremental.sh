@@ -33,6 +33,10 @@ read -r -a podman_sizes <<<"${PODMAN_SIZES-64 512 2048}"
 repeat=${REPEAT:-3}
 layer_mib=${LAYER_MIB:-1024}
 mode=${ARCH_BENCH_MODE:-basic}
+# The comparison needs Podman (setup.sh does not install it: the suite does not use it).
+if [ "${#podman_sizes[@]}" -gt 0 ] && ! command -v podman >/dev/null; then
+  apt-get install -y -q --no-install-recommends podman >/dev/null
+fi
 # shellcheck source=scripts/bench-lib.sh
 . "$repo/scripts/bench-lib.sh"
 bench_init arch-bench-inc
