@@ -32,6 +32,7 @@ pub mod chunks;
 pub mod compat;
 pub mod freeze;
 pub mod key;
+pub mod layer;
 pub mod manifest;
 pub mod metadata;
 pub mod restore;

@@ -127,6 +127,13 @@ pub struct Survey {
     pub bytes: u64,
 }
 
+impl Survey {
+    /// The paths to archive, relative to the upperdir (`./...`), sorted.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+}
+
 pub fn survey(upper: &Path) -> std::io::Result<Survey> {
     let mut files = Vec::new();
     let mut manifest = Manifest::default();
