@@ -104,6 +104,27 @@ pub struct Config {
     pub min_checkpoint_interval_secs: u64,
     /// Checkpoints `archctl watch` runs at once (Spot notices, intervals).
     pub max_concurrent_checkpoints: usize,
+    /// How generations keep their images and layer: `chunks` (the key's
+    /// content-addressed store: each generation writes only what changed) or
+    /// `files` (each generation whole: CRIU's image files, or one archive in
+    /// Network FS mode, and the layer as tar + zstd).
+    pub checkpoint_storage: Storage,
+    /// This machine's cache of the chunks it wrote or read in Network FS mode
+    /// (a restore here then reads little from the share; unset: `<cache_dir>/chunks`),
+    /// and its bound (0: no cache).
+    pub chunk_cache_dir: Option<PathBuf>,
+    pub chunk_cache_bytes: u64,
+    /// A chunk no generation lists is removed by gc only once it is this old
+    /// (a checkpoint in flight on any machine refreshes every chunk it uses).
+    pub chunk_gc_grace_secs: u64,
+}
+
+/// See [`Config::checkpoint_storage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Storage {
+    Chunks,
+    Files,
 }
 
 /// The fate of a finished job's checkpoints.
@@ -144,6 +165,10 @@ impl Default for Config {
             checkpoint_interval_secs: 0,
             min_checkpoint_interval_secs: 60,
             max_concurrent_checkpoints: 4,
+            checkpoint_storage: Storage::Chunks,
+            chunk_cache_dir: None,
+            chunk_cache_bytes: 4 << 30,
+            chunk_gc_grace_secs: 3600,
         }
     }
 }
@@ -212,6 +237,12 @@ impl Config {
     }
 
     /// The checkpoint root for `mode`.
+    /// This machine's chunk cache, if there is one.
+    pub fn chunk_cache(&self) -> Option<crate::checkpoint::chunks::Cache> {
+        let dir = self.chunk_cache_dir.clone().unwrap_or_else(|| self.cache_dir.join("chunks"));
+        crate::checkpoint::chunks::Cache::open(&dir, self.chunk_cache_bytes)
+    }
+
     pub fn checkpoint_root(&self, mode: Mode) -> &Path {
         match mode {
             Mode::Basic => &self.checkpoint_dir,

@@ -150,7 +150,27 @@ pub fn sweep(config: &Config) -> anyhow::Result<()> {
         tracing::info!(target: "arch::lifecycle", key = %location.key, bytes, "finished job's checkpoints expired");
     }
     forget_ended(config, None)?;
+    collect_chunks(config);
     Ok(())
+}
+
+/// The chunk stores' mark and sweep, at most every quarter of the grace
+/// period (it reads every manifest of every key): the time of the last one
+/// is kept in `<state_dir>/chunk-gc.stamp`.
+fn collect_chunks(config: &Config) {
+    let stamp = config.state_dir.join("chunk-gc.stamp");
+    let every = std::time::Duration::from_secs((config.chunk_gc_grace_secs / 4).max(60));
+    let recent = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    if recent.is_some_and(|age| age < every) {
+        return;
+    }
+    let _ = std::fs::write(&stamp, b"");
+    let Ok(keys) = catalog::keys(config) else { return };
+    for location in keys {
+        if let Err(e) = catalog::collect_chunks(&location, config, false) {
+            tracing::warn!(target: "arch::lifecycle", key = %location.key, error = %e, "chunk sweep failed");
+        }
+    }
 }
 
 /// Drops the records of deleted containers once their exit is settled, and,

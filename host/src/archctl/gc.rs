@@ -4,8 +4,10 @@
 //! checkpoints that died, and settled records of deleted containers. On
 //! request: generations older than `--ttl` (and records of deleted containers
 //! nobody settled in that time), all but the newest `--keep` per key, and
-//! quarantined generations. Keys busy with a checkpoint or restore
-//! are skipped, never waited for.
+//! quarantined generations. Then, in each key's chunk store, the chunks no
+//! generation lists any more, once older than `chunk_gc_grace_secs`
+//! (`catalog::collect_chunks` says why that is safe while other machines
+//! checkpoint). Keys busy with a checkpoint or restore are skipped, never waited for.
 
 use super::output;
 use crate::checkpoint::catalog::{self, GenerationInfo};
@@ -92,6 +94,19 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
         }
         bar.finish_and_clear();
         crate::lifecycle::forget_ended(config, args.ttl)?;
+    }
+    // After the generations went: what they alone listed is unreferenced now.
+    for p in plan.iter().filter(|p| !p.expired) {
+        let swept = catalog::collect_chunks(&p.location, config, args.dry_run)
+            .with_context(|| format!("sweeping the chunks of {}", p.location.key))?;
+        if let Some(swept) = swept.filter(|s| s.removed > 0) {
+            removals.push(Removal {
+                key: p.location.key.clone(),
+                item: format!("{} chunk(s)", swept.removed),
+                reason: "unreferenced",
+                bytes: swept.bytes,
+            });
+        }
     }
     if args.json {
         output::print_json(&removals)?;

@@ -40,6 +40,9 @@ fn describe(s: &Summary) -> String {
         s.status,
         output::bytes(s.bytes)
     );
+    if s.chunk_bytes > 0 {
+        out.push_str(&format!("chunks:     {} (shared by the generations)\n", output::bytes(s.chunk_bytes)));
+    }
     if let Some(c) = &s.completed {
         out.push_str(&format!(
             "completed:  {}/{} exited {} {}; removed {}\n",
@@ -82,6 +85,9 @@ fn generation(kind: &str, g: &GenerationInfo) -> String {
         output::age(g.created_unix_ms),
         output::bytes(g.bytes)
     );
+    if g.written_bytes.is_some() {
+        out.push_str(&format!("  wrote:      {}\n", output::written(g)));
+    }
     match (&g.problem, &g.quarantine_reason) {
         (_, Some(why)) => out.push_str(&format!("  quarantined: {why}\n")),
         (Some(problem), None) => out.push_str(&format!("  validation: FAILED: {problem}\n")),
@@ -98,6 +104,13 @@ fn generation(kind: &str, g: &GenerationInfo) -> String {
             m.images_archive_bytes.map(|b| format!(" ({} packed)", output::bytes(b))).unwrap_or_default()
         ));
         match m.rootfs_archive_bytes {
+            Some(b) if m.chunked() => out.push_str(&format!(
+                "  rootfs:     {} stream, {} files ({} read, {} unchanged)\n",
+                output::bytes(b),
+                m.rootfs_files,
+                m.layer_files_read.unwrap_or(0),
+                m.layer_files_reused.unwrap_or(0)
+            )),
             Some(b) => {
                 out.push_str(&format!("  rootfs:     {} compressed, {} files\n", output::bytes(b), m.rootfs_files))
             }

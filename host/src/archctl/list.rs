@@ -26,6 +26,8 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
                     "generations": s.generations.iter().map(|g| &g.name).collect::<Vec<_>>(),
                     "quarantined": s.quarantined.len(),
                     "newest_unix_ms": s.generations.first().and_then(|g| g.created_unix_ms),
+                    "newest_written_bytes": s.generations.first().and_then(|g| g.written_bytes),
+                    "newest_total_bytes": s.generations.first().and_then(|g| g.total_bytes),
                     "completed": s.completed,
                 })
             })
@@ -43,10 +45,17 @@ pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
                 s.quarantined.len().to_string(),
                 output::bytes(s.bytes),
                 output::age(s.generations.first().and_then(|g| g.created_unix_ms)),
+                s.generations.first().map_or("-".into(), output::written),
                 s.status.into(),
             ]
         })
         .collect();
-    print!("{}", output::table(&["KEY", "MODE", "GENERATIONS", "QUARANTINED", "SIZE", "NEWEST", "STATUS"], &rows));
+    print!(
+        "{}",
+        output::table(
+            &["KEY", "MODE", "GENERATIONS", "QUARANTINED", "SIZE", "NEWEST", "NEWEST WROTE", "STATUS"],
+            &rows
+        )
+    );
     Ok(0)
 }

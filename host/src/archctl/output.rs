@@ -28,6 +28,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// What taking a generation wrote against its whole content:
+/// `12.0 MiB of 2.0 GiB`; `-` for a generation of files storage.
+pub fn written(g: &crate::checkpoint::catalog::GenerationInfo) -> String {
+    match (g.written_bytes, g.total_bytes) {
+        (Some(w), Some(t)) => format!("{} of {}", bytes(w), bytes(t)),
+        _ => "-".into(),
+    }
+}
+
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;

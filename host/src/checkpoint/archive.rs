@@ -2,16 +2,20 @@
 //! one archive (Network FS mode) or hashed in place (Basic mode), handed to
 //! containerd's `--image-path`, and unpacked or checked for a restore.
 
+use super::chunks::{ChunkSink, ChunkStore};
 use super::manifest::{self, FileEntry, Manifest};
 use super::store::Generation;
 use super::{rootfs, untrusted, Error};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 /// Network FS mode: CRIU's images packed into one archive.
 pub const IMAGES_ARCHIVE: &str = "images.tar.zst";
 /// Basic mode: CRIU's images as files.
 pub const IMAGES_DIR: &str = "images";
+/// Chunks storage: a pre-dump's images (CRIU's parent of the dump's).
+pub const PARENT_DIR: &str = "parent";
 /// CRIU's record of the CPU (`criu cpuinfo dump`), kept beside the archive.
 pub const CPUINFO: &str = "cpuinfo.img";
 /// CRIU writes a few dozen image files; anything near this was not CRIU.
@@ -36,6 +40,75 @@ pub fn hash_images(images: &Path) -> std::io::Result<Vec<FileEntry>> {
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(entries)
+}
+
+/// Chunks storage: CRIU's images (`images/`, and a pre-dump's `parent/`, in
+/// `local`) into the key's chunk store, each file's content on chunk edges
+/// of its own, as manifest entries `images/<name>` and `parent/<name>`;
+/// with the bytes the new chunks took.
+pub fn store_images(local: &Path, chunks: &Arc<ChunkStore>) -> std::io::Result<(Vec<FileEntry>, u64)> {
+    let mut names = Vec::new();
+    for dir in [IMAGES_DIR, PARENT_DIR] {
+        let Ok(entries) = std::fs::read_dir(local.join(dir)) else { continue };
+        for entry in entries {
+            let entry = entry?;
+            // CRIU's `parent` link in images/ is made again at restore.
+            if entry.file_type()?.is_file() {
+                let name =
+                    entry.file_name().into_string().map_err(|_| std::io::Error::other("non-UTF-8 image name"))?;
+                names.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    names.sort();
+    let mut sink = chunks.writer(super::chunks::threads());
+    let mut ranges = Vec::with_capacity(names.len());
+    for name in names {
+        let first = sink.position();
+        std::io::copy(&mut std::fs::File::open(local.join(&name))?, &mut sink)?;
+        sink.boundary()?;
+        ranges.push((name, first..sink.position()));
+    }
+    let stream = sink.finish()?;
+    let entries =
+        ranges.into_iter().map(|(name, range)| FileEntry::chunked(name, stream.chunks[range].to_vec())).collect();
+    Ok((entries, stream.new_bytes))
+}
+
+/// Chunks storage: the images listed in the manifest, assembled from the
+/// key's chunk store into `images` (local; a pre-dump's beside it in
+/// `parent`, linked from `images/parent` as CRIU expects), every chunk
+/// checked as it comes; at most `bytes` in all (what the metadata recorded),
+/// and only if the disk has room.
+pub fn assemble_images(manifest: &Manifest, chunks: &ChunkStore, images: &Path, bytes: u64) -> Result<(), Error> {
+    let local = images.parent().unwrap_or(images);
+    let io = |path: &Path, e| Error::io_at(path.display(), e);
+    let listed: Vec<_> = manifest
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with(&format!("{IMAGES_DIR}/")) || f.path.starts_with(&format!("{PARENT_DIR}/")))
+        .filter_map(|f| Some((f.path.as_str(), f.chunks.as_deref()?)))
+        .collect();
+    let total: u64 = listed.iter().flat_map(|(_, c)| c.iter()).map(|c| c.size).sum();
+    if total > bytes {
+        return Err(Error::Invalid(format!("images: {total} bytes listed, {bytes} recorded")));
+    }
+    crate::util::fs::create_private_dir(images).map_err(|e| io(images, e))?;
+    untrusted::ensure_room(images, total).map_err(|e| io(images, e))?;
+    if listed.iter().any(|(path, _)| path.starts_with(PARENT_DIR)) {
+        let parent = local.join(PARENT_DIR);
+        crate::util::fs::create_private_dir(&parent).map_err(|e| io(&parent, e))?;
+        let link = images.join(PARENT_DIR);
+        std::os::unix::fs::symlink(format!("../{PARENT_DIR}"), &link).map_err(|e| io(&link, e))?;
+    }
+    let mut files = Vec::with_capacity(listed.len());
+    for (path, list) in listed {
+        // The path passed the manifest's checks: `images/<name>` or `parent/<name>`, plain names.
+        let path = local.join(path);
+        let out = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io(&path, e))?;
+        files.push((out, list));
+    }
+    Ok(chunks.assemble(&files, super::chunks::threads())?)
 }
 
 /// Gives containerd its copy of the images: hardlinks where the filesystem

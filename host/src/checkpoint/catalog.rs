@@ -1,6 +1,7 @@
 //! The operator's view of the checkpoint roots: which keys exist, what each
 //! holds, and removing them. Used by `archctl` and by the lifecycle policy.
 
+use super::chunks::Swept;
 use super::key::{self, Location};
 use super::metadata::Metadata;
 use super::store::{Completed, Generation, Store};
@@ -94,6 +95,10 @@ pub struct GenerationInfo {
     /// Metadata and the cheap validation (`metadata::validate`): why not, if not.
     pub problem: Option<String>,
     pub quarantine_reason: Option<String>,
+    /// What taking it wrote to the root (chunks storage: its new chunks and
+    /// own files) against its whole content: the cost of an incremental checkpoint.
+    pub written_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Metadata>,
     /// The directory as opened (for removal).
@@ -111,7 +116,10 @@ pub struct Summary {
     pub quarantined: Vec<GenerationInfo>,
     pub pending: usize,
     pub completed: Option<Completed>,
+    /// Everything the key takes: generations, quarantine and its chunk store.
     pub bytes: u64,
+    /// Of which the chunk store (shared by its generations).
+    pub chunk_bytes: u64,
     pub status: &'static str,
 }
 
@@ -131,6 +139,8 @@ fn info(gen: &Generation, quarantine_reason: Option<String>, config: &Config) ->
         created_unix_ms: created,
         problem,
         quarantine_reason,
+        written_bytes: meta.as_ref().ok().and_then(|m| m.written_bytes),
+        total_bytes: meta.as_ref().ok().map(Metadata::total_bytes),
         metadata: meta.ok(),
     }
 }
@@ -155,7 +165,8 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
         (Some(_), _) if generations.iter().any(|g| g.problem.is_none()) => "degraded",
         (Some(_), _) => "invalid",
     };
-    let bytes = generations.iter().chain(&quarantined).map(|g| g.bytes).sum();
+    let chunk_bytes = tree_bytes(&location.dir.join(".arch").join(super::chunks::DIR));
+    let bytes = generations.iter().chain(&quarantined).map(|g| g.bytes).sum::<u64>() + chunk_bytes;
     Ok(Summary {
         key: location.key.clone(),
         mode: location.mode.as_str(),
@@ -165,6 +176,7 @@ pub fn summarize(location: &Location, config: &Config) -> std::io::Result<Summar
         pending: store.pending().len(),
         completed,
         bytes,
+        chunk_bytes,
         status,
     })
 }
@@ -191,6 +203,49 @@ pub fn validate_deep(gen: &Generation, config: &Config) -> Result<(), super::Err
         }
     }
     Ok(())
+}
+
+/// Mark and sweep of a key's chunk store, under the key's lock (a key busy
+/// with a checkpoint or restore is skipped: `None`). Marked: every chunk that
+/// a published or quarantined generation's manifest lists. Swept: the rest,
+/// once older than `chunk_gc_grace_secs`, since a checkpoint in flight on
+/// another machine (which the lock may not see on every network filesystem)
+/// writes or refreshes each chunk it uses. A manifest that cannot be read
+/// stops the sweep of that key: its chunks might be among the unmarked.
+pub fn collect_chunks(location: &Location, config: &Config, dry_run: bool) -> std::io::Result<Option<Swept>> {
+    let store = Store::new(location);
+    if !location.dir.join(".arch").join(super::chunks::DIR).is_dir() {
+        return Ok(None);
+    }
+    let Some(chunks) = store.chunks(false, None)? else { return Ok(None) };
+    let Some(_lock) = store.try_lock()? else {
+        tracing::info!(key = %location.key, "busy: chunks not swept");
+        return Ok(None);
+    };
+    let mut live = std::collections::HashSet::new();
+    let generations = store.generations()?.into_iter().chain(store.quarantined()?.into_iter().map(|(g, _)| g));
+    for gen in generations {
+        let manifest = gen
+            .pinned()
+            .read(super::manifest::MANIFEST, super::manifest::MAX_MANIFEST_BYTES)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|bytes| super::manifest::Manifest::parse(&bytes).map_err(std::io::Error::other));
+        match manifest {
+            Ok(m) => live.extend(m.files.iter().flat_map(|f| f.chunks.iter().flatten()).map(|c| c.blake3)),
+            Err(e) => {
+                tracing::warn!(key = %location.key, generation = %gen.name, error = %e,
+                    "manifest unreadable: chunks not swept");
+                return Ok(None);
+            }
+        }
+    }
+    let grace = std::time::Duration::from_secs(config.chunk_gc_grace_secs);
+    let swept = chunks.sweep(&live, grace, dry_run)?;
+    if swept.removed > 0 && !dry_run {
+        tracing::info!(key = %location.key, removed = swept.removed, bytes = swept.bytes, "unreferenced chunks removed");
+        crate::metrics::handle().count(crate::metrics::CHUNKS_REMOVED, &[], swept.removed);
+    }
+    Ok(Some(swept))
 }
 
 /// Removes a whole key (generations, quarantine, leftovers) under its lock;

@@ -44,3 +44,808 @@ pub trait ChunkSink: Write {
     /// the next chunk will have.
     fn position(&self) -> usize;
 }
+
+use super::untrusted::{self, Pinned};
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+/// `.arch/chunks`: the store.
+pub const DIR: &str = "chunks";
+/// `.arch/chunks-bad`: chunks found corrupt, kept for a look, never read again.
+pub const BAD_DIR: &str = "chunks-bad";
+/// zstd level: as fast as `zstd -1`, the level ARCH always packed with.
+const LEVEL: i32 = 1;
+/// The most a stored chunk may take: zstd's worst case for the largest chunk.
+const MAX_STORED: u64 = MAX_CHUNK as u64 + (MAX_CHUNK as u64 >> 7) + (64 << 10);
+
+/// What went wrong reading a chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {0} is missing")]
+    Missing(Digest),
+    #[error("chunk {0} does not match its digest")]
+    Corrupt(Digest),
+    #[error("chunk {0}: {1}")]
+    Read(Digest, #[source] untrusted::Error),
+    #[error("writing {what}: {source}")]
+    Write { what: String, source: io::Error },
+}
+
+impl ChunkError {
+    /// The chunk at fault, if the fault is the chunk's (not the disk's).
+    pub fn bad_chunk(&self) -> Option<Digest> {
+        match self {
+            ChunkError::Corrupt(d) => Some(*d),
+            ChunkError::Read(d, untrusted::Error::NotRegular(_) | untrusted::Error::TooLarge(..)) => Some(*d),
+            // A link where a chunk should be (never followed).
+            ChunkError::Read(d, untrusted::Error::Io(_, e)) if e.raw_os_error() == Some(libc::ELOOP) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// A key's chunk store, with this machine's cache in front of it (Network FS mode).
+pub struct ChunkStore {
+    arch: Pinned,
+    dir: Pinned,
+    cache: Option<Cache>,
+    /// Chunks read from the cache and from the store, for the log.
+    from_cache: AtomicU64,
+    from_store: AtomicU64,
+}
+
+/// Threads that store or fetch chunks: every core (hashing and compressing),
+/// and at least four, so that a network filesystem's latency overlaps.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get()).max(4)
+}
+
+/// `ab/abcdef...`: 256 directories, so that no directory grows past what a network FS lists quickly.
+fn rel(digest: &Digest) -> (String, String) {
+    let hex = digest.to_hex();
+    (hex[..2].to_owned(), hex)
+}
+
+impl ChunkStore {
+    /// The store of the key whose `.arch` directory is `arch` (made if `create`).
+    pub fn open(arch: &Pinned, create: bool, cache: Option<Cache>) -> io::Result<ChunkStore> {
+        let (from_cache, from_store) = (AtomicU64::new(0), AtomicU64::new(0));
+        Ok(ChunkStore { arch: arch.reopen()?, dir: arch.dir(DIR, create)?, cache, from_cache, from_store })
+    }
+
+    /// A writer that cuts a stream into chunks and stores the new ones, on
+    /// `threads` threads (hashing and compressing are the work).
+    pub fn writer(self: &Arc<Self>, threads: usize) -> ChunkWriter {
+        ChunkWriter::new(self.clone(), threads.max(1))
+    }
+
+    /// Whether the chunk is there; if so its time is refreshed, so that a
+    /// sweep running now (which spares recent chunks) leaves it alone.
+    fn refresh(&self, sub: &Pinned, name: &str) -> bool {
+        let Ok(c_name) = CString::new(name) else { return false };
+        // SAFETY: a valid directory fd, a NUL-terminated name, a zeroed stat buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let found =
+            unsafe { libc::fstatat(sub.as_fd().as_raw_fd(), c_name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && st.st_size > 0;
+        // SAFETY: as above; null times mean "now".
+        found
+            && unsafe {
+                libc::utimensat(sub.as_fd().as_raw_fd(), c_name.as_ptr(), std::ptr::null(), libc::AT_SYMLINK_NOFOLLOW)
+            } == 0
+    }
+
+    /// Stores one chunk unless present; the stored bytes it wrote (0 if present).
+    fn put(&self, digest: &Digest, data: &[u8]) -> io::Result<u64> {
+        let (sub_name, name) = rel(digest);
+        let sub = self.dir.dir(&sub_name, true)?;
+        if self.refresh(&sub, &name) {
+            return Ok(0);
+        }
+        let stored = zstd::bulk::compress(data, LEVEL)?;
+        // Written under a temporary name, renamed when whole: a take killed
+        // mid-write never leaves a short chunk under a digest's name.
+        let tmp = format!("{name}.tmp-{}-{}", std::process::id(), unique());
+        let mut file = sub.create(&tmp)?;
+        let written = file.write_all(&stored).and_then(|()| rename_in(&sub, &tmp, &name));
+        if let Err(e) = written {
+            let _ = unlink_in(&sub, &tmp);
+            return Err(e);
+        }
+        if let Some(cache) = &self.cache {
+            cache.put(digest, &stored);
+        }
+        Ok(stored.len() as u64)
+    }
+
+    /// One chunk, from the cache or the store, checked against its digest.
+    pub fn read(&self, chunk: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
+        if let Some(cache) = &self.cache {
+            if let Some(stored) = cache.get(&chunk.blake3) {
+                match decode(chunk, &stored) {
+                    Ok(data) => {
+                        self.from_cache.fetch_add(1, Ordering::Relaxed);
+                        return Ok(data);
+                    }
+                    Err(_) => cache.remove(&chunk.blake3),
+                }
+            }
+        }
+        let (sub_name, name) = rel(&chunk.blake3);
+        let missing = |e: &untrusted::Error| e.is_not_found();
+        let sub = self.dir.dir(&sub_name, false).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ChunkError::Missing(chunk.blake3),
+            _ => ChunkError::Read(chunk.blake3, untrusted::Error::Io(sub_name.clone(), e)),
+        })?;
+        let stored = sub.read(&name, MAX_STORED).map_err(|e| {
+            if missing(&e) {
+                ChunkError::Missing(chunk.blake3)
+            } else {
+                ChunkError::Read(chunk.blake3, e)
+            }
+        })?;
+        let data = decode(chunk, &stored)?;
+        self.from_store.fetch_add(1, Ordering::Relaxed);
+        if let Some(cache) = &self.cache {
+            cache.put(&chunk.blake3, &stored);
+        }
+        Ok(data)
+    }
+
+    /// Chunks read so far from this machine's cache, and from the store.
+    pub fn reads(&self) -> (u64, u64) {
+        (self.from_cache.load(Ordering::Relaxed), self.from_store.load(Ordering::Relaxed))
+    }
+
+    /// Writes files made of chunks: each `(out, chunks)` gets its chunks in
+    /// order (`out` a new local file), `threads` reads at a time across all
+    /// of them, each chunk checked before it is written.
+    pub fn assemble(&self, files: &[(File, &[ChunkRef])], threads: usize) -> Result<(), ChunkError> {
+        let write_error = |source| ChunkError::Write { what: "an image".into(), source };
+        let mut jobs = Vec::new();
+        for (out, chunks) in files {
+            let mut at = 0;
+            for chunk in chunks.iter() {
+                jobs.push((out, chunk, at));
+                at += chunk.size;
+            }
+            out.set_len(at).map_err(write_error)?;
+        }
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..threads.clamp(1, jobs.len().max(1)) {
+                scope.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some(&(out, chunk, at)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                        let result = self.read(chunk).and_then(|data| out.write_all_at(&data, at).map_err(write_error));
+                        if let Err(e) = result {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        });
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The chunks as one stream (the layer's tar), read ahead `window` chunks
+    /// at a time on as many threads; every chunk checked before it is returned.
+    pub fn reader(self: &Arc<Self>, chunks: Vec<ChunkRef>, window: usize) -> ChunkReader {
+        let (tx, rx) = sync_channel(window.max(1));
+        let store = self.clone();
+        let window = window.max(1);
+        let feeder = std::thread::spawn(move || {
+            for batch in chunks.chunks(window) {
+                let read: Vec<_> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = batch.iter().map(|c| scope.spawn(|| store.read(c))).collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(ChunkError::Missing(Digest([0; 32])))))
+                        .collect()
+                });
+                for result in read {
+                    let stop = result.is_err();
+                    if tx.send(result).is_err() || stop {
+                        return;
+                    }
+                }
+            }
+        });
+        ChunkReader { rx, current: Vec::new(), at: 0, error: None, _feeder: feeder }
+    }
+
+    /// Moves a chunk found corrupt out of the store, so that the next
+    /// checkpoint writes it again instead of trusting it.
+    pub fn set_aside(&self, digest: &Digest) {
+        let (sub_name, name) = rel(digest);
+        let moved = self.dir.dir(&sub_name, false).and_then(|sub| {
+            let bad = self.arch.dir(BAD_DIR, true)?;
+            let (from, to) = (cstr(&name)?, cstr(&name)?);
+            // SAFETY: valid directory fds and NUL-terminated single-component names.
+            match unsafe {
+                libc::renameat(sub.as_fd().as_raw_fd(), from.as_ptr(), bad.as_fd().as_raw_fd(), to.as_ptr())
+            } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
+        crate::metrics::handle().count(crate::metrics::CHUNKS_SET_ASIDE, &[], 1);
+        match moved {
+            Ok(()) => tracing::warn!(chunk = %digest, "corrupt chunk set aside: the next checkpoint writes it again"),
+            Err(e) => tracing::warn!(chunk = %digest, error = %e, "a corrupt chunk could not be set aside"),
+        }
+        if let Some(cache) = &self.cache {
+            cache.remove(digest);
+        }
+    }
+
+    /// Removes the chunks that no manifest of the key lists (`live`) and that
+    /// are older than `grace` (a checkpoint in flight on any machine refreshes
+    /// or writes its chunks, so they are younger), and leftovers of killed
+    /// writes and set-aside chunks older than `grace`. `dry_run` counts only.
+    pub fn sweep(&self, live: &HashSet<Digest>, grace: Duration, dry_run: bool) -> io::Result<Swept> {
+        let mut swept = Swept::default();
+        let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut dirs: Vec<Pinned> = Vec::new();
+        for (name, is_dir) in self.dir.entries()? {
+            if is_dir && name.len() == 2 {
+                dirs.push(self.dir.dir(&name, false)?);
+            }
+        }
+        if let Some(bad) = self.arch.existing_dir(BAD_DIR)? {
+            dirs.push(bad);
+        }
+        for dir in dirs {
+            for entry in std::fs::read_dir(dir.path())? {
+                let entry = entry?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let listed =
+                    Digest::from_hex(&name).is_some_and(|d| live.contains(&d)) && !dir.shown().ends_with(BAD_DIR);
+                if listed {
+                    swept.kept += 1;
+                    continue;
+                }
+                if meta.modified().map_or(true, |m| m > cutoff) {
+                    swept.young += 1;
+                    continue;
+                }
+                if !dry_run {
+                    unlink_in(&dir, &name)?;
+                }
+                swept.removed += 1;
+                swept.bytes += meta.len();
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// What a sweep did (or, dry, would do).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Chunks some manifest lists.
+    pub kept: u64,
+    /// Unlisted, but younger than the grace period: maybe a checkpoint's in flight.
+    pub young: u64,
+    pub removed: u64,
+    pub bytes: u64,
+}
+
+fn decode(chunk: &ChunkRef, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let corrupt = || ChunkError::Corrupt(chunk.blake3);
+    if chunk.size > MAX_CHUNK as u64 {
+        return Err(corrupt());
+    }
+    // The recorded size is the most zstd may produce: a bomb stops there.
+    let data = zstd::bulk::decompress(stored, chunk.size as usize).map_err(|_| corrupt())?;
+    if data.len() as u64 != chunk.size || Digest::of(&data) != chunk.blake3 {
+        return Err(corrupt());
+    }
+    Ok(data)
+}
+
+fn cstr(name: &str) -> io::Result<CString> {
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
+}
+
+fn rename_in(dir: &Pinned, from: &str, to: &str) -> io::Result<()> {
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    let fd = dir.as_fd().as_raw_fd();
+    // SAFETY: a valid directory fd and NUL-terminated single-component names.
+    match unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+fn unlink_in(dir: &Pinned, name: &str) -> io::Result<()> {
+    let name = cstr(name)?;
+    // SAFETY: a valid directory fd and a NUL-terminated single-component name.
+    match unsafe { libc::unlinkat(dir.as_fd().as_raw_fd(), name.as_ptr(), 0) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// A number unique within this process, for temporary names.
+fn unique() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Reads a chunk list as one stream (see [`ChunkStore::reader`]).
+pub struct ChunkReader {
+    rx: Receiver<Result<Vec<u8>, ChunkError>>,
+    current: Vec<u8>,
+    at: usize,
+    error: Option<Digest>,
+    _feeder: JoinHandle<()>,
+}
+
+impl ChunkReader {
+    /// The chunk that failed the stream, if one did because of itself.
+    pub fn bad_chunk(&self) -> Option<Digest> {
+        self.error
+    }
+}
+
+impl io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(data)) => (self.current, self.at) = (data, 0),
+                Ok(Err(e)) => {
+                    self.error = e.bad_chunk();
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// What a [`ChunkWriter`] wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The stream's chunks, in order.
+    pub chunks: Vec<ChunkRef>,
+    /// Bytes of the stream.
+    pub bytes: u64,
+    /// Chunks that were not in the store yet, and what they took there (compressed).
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+}
+
+struct Job {
+    index: usize,
+    data: Vec<u8>,
+}
+
+/// Cuts what it is written into content-defined chunks and stores each on a
+/// worker thread (digest, compression, write), in the order written.
+pub struct ChunkWriter {
+    buf: Vec<u8>,
+    next: usize,
+    bytes: u64,
+    spliced: Vec<(usize, ChunkRef)>,
+    tx: Option<SyncSender<Job>>,
+    workers: Vec<JoinHandle<io::Result<(Vec<(usize, ChunkRef)>, u64, u64)>>>,
+}
+
+impl ChunkWriter {
+    fn new(store: Arc<ChunkStore>, threads: usize) -> ChunkWriter {
+        let (tx, rx) = sync_channel::<Job>(threads * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        // Two workers of one stream may meet the same new chunk (zero pages):
+        // one writes it, the other waits for nothing and counts nothing.
+        let claimed = Arc::new(Mutex::new(HashSet::new()));
+        let workers = (0..threads)
+            .map(|_| {
+                let (store, rx, claimed) = (store.clone(), rx.clone(), claimed.clone());
+                std::thread::spawn(move || {
+                    let (mut done, mut new_chunks, mut new_bytes) = (Vec::new(), 0, 0);
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(Job { index, data }) = job else { break };
+                        let digest = Digest::from(blake3::hash(&data));
+                        let first = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(digest);
+                        if first {
+                            let stored = store.put(&digest, &data)?;
+                            if stored > 0 {
+                                new_chunks += 1;
+                                new_bytes += stored;
+                            }
+                        }
+                        done.push((index, ChunkRef { blake3: digest, size: data.len() as u64 }));
+                    }
+                    Ok((done, new_chunks, new_bytes))
+                })
+            })
+            .collect();
+        ChunkWriter {
+            buf: Vec::with_capacity(4 * MAX_CHUNK),
+            next: 0,
+            bytes: 0,
+            spliced: Vec::new(),
+            tx: Some(tx),
+            workers,
+        }
+    }
+
+    /// Hands the buffer's chunks to the workers: all of them at a boundary,
+    /// else all but the last (which the next bytes may still extend).
+    fn cut(&mut self, all: bool) -> io::Result<()> {
+        let cuts: Vec<_> = fastcdc::v2020::FastCDC::new(&self.buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).collect();
+        let keep = if all { cuts.len() } else { cuts.len().saturating_sub(1) };
+        let mut consumed = 0;
+        for cut in &cuts[..keep] {
+            let data = self.buf[cut.offset..cut.offset + cut.length].to_vec();
+            consumed = cut.offset + cut.length;
+            self.send(data)?;
+        }
+        self.buf.drain(..consumed);
+        Ok(())
+    }
+
+    fn send(&mut self, data: Vec<u8>) -> io::Result<()> {
+        let job = Job { index: self.next, data };
+        self.next += 1;
+        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("chunk writer finished"))?;
+        // A worker that failed has dropped its end: its error comes out of finish.
+        tx.send(job).map_err(|_| io::Error::other("a chunk writer stopped"))
+    }
+
+    /// Waits for every chunk to be stored; the stream's chunk list.
+    pub fn finish(mut self) -> io::Result<Written> {
+        self.cut(true)?;
+        drop(self.tx.take());
+        let mut written = Written { bytes: self.bytes, ..Default::default() };
+        let mut slots: Vec<Option<ChunkRef>> = vec![None; self.next];
+        for (i, chunk) in self.spliced.drain(..) {
+            slots[i] = Some(chunk);
+        }
+        let mut first_error = None;
+        for worker in self.workers.drain(..) {
+            match worker.join() {
+                Ok(Ok((done, chunks, bytes))) => {
+                    written.new_chunks += chunks;
+                    written.new_bytes += bytes;
+                    for (i, chunk) in done {
+                        slots[i] = Some(chunk);
+                    }
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(io::Error::other("a chunk writer panicked"));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        written.chunks =
+            slots.into_iter().collect::<Option<_>>().ok_or_else(|| io::Error::other("a chunk was lost"))?;
+        Ok(written)
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        self.bytes += data.len() as u64;
+        if self.buf.len() >= 3 * MAX_CHUNK {
+            self.cut(false)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ChunkSink for ChunkWriter {
+    fn boundary(&mut self) -> io::Result<()> {
+        self.cut(true)
+    }
+
+    fn splice(&mut self, chunks: &[ChunkRef]) -> io::Result<()> {
+        self.cut(true)?;
+        for chunk in chunks {
+            self.spliced.push((self.next, *chunk));
+            self.next += 1;
+            self.bytes += chunk.size;
+        }
+        Ok(())
+    }
+
+    fn position(&self) -> usize {
+        self.next
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// This machine's copy of chunks it wrote or read (Network FS mode), so that
+/// a restore here reads little from the shared store. Kept under
+/// `max_bytes` by dropping the least recently used.
+pub struct Cache {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl Cache {
+    /// The cache in `dir` (a private directory of ours); none if `max_bytes` is 0.
+    pub fn open(dir: &Path, max_bytes: u64) -> Option<Cache> {
+        if max_bytes == 0 {
+            return None;
+        }
+        crate::util::fs::create_private_dir(dir).ok()?;
+        Some(Cache { dir: dir.to_path_buf(), max_bytes })
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.to_hex())
+    }
+
+    fn get(&self, digest: &Digest) -> Option<Vec<u8>> {
+        let path = self.path(digest);
+        let stored = std::fs::read(&path).ok()?;
+        // Recently used: the last to go.
+        let _ = File::options().write(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+        Some(stored)
+    }
+
+    fn put(&self, digest: &Digest, stored: &[u8]) {
+        let path = self.path(digest);
+        if path.exists() {
+            return;
+        }
+        let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), unique()));
+        let done = std::fs::write(&tmp, stored).and_then(|()| std::fs::rename(&tmp, &path));
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    fn remove(&self, digest: &Digest) {
+        let _ = std::fs::remove_file(self.path(digest));
+    }
+
+    /// Drops the least recently used chunks until the cache is within its
+    /// bound (to 90% of it, so that it is not trimmed at every call).
+    pub fn trim(&self) -> io::Result<(u64, u64)> {
+        let mut files = Vec::new();
+        let mut total = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Ok(meta) = entry.metadata() else { continue };
+            total += meta.len();
+            files.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len(), entry.path()));
+        }
+        if total <= self.max_bytes {
+            return Ok((0, 0));
+        }
+        files.sort();
+        let (mut removed, mut freed) = (0, 0);
+        for (_, len, path) in files {
+            if total - freed <= self.max_bytes / 10 * 9 {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+                freed += len;
+            }
+        }
+        Ok((removed, freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn store(dir: &Path, cache: Option<Cache>) -> Arc<ChunkStore> {
+        let arch = Pinned::root(dir).unwrap();
+        Arc::new(ChunkStore::open(&arch, true, cache).unwrap())
+    }
+
+    /// Pseudo-random bytes (incompressible, no repeats), from a seed.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn write(store: &Arc<ChunkStore>, parts: &[&[u8]]) -> Written {
+        let mut w = store.writer(3);
+        for part in parts {
+            w.write_all(part).unwrap();
+            w.boundary().unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read_all(store: &Arc<ChunkStore>, chunks: &[ChunkRef]) -> Vec<u8> {
+        let mut out = Vec::new();
+        store.reader(chunks.to_vec(), 3).read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_stream_comes_back_and_a_second_one_writes_only_what_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let mut data = noise(24 << 20, 1);
+        let first = write(&store, &[&data]);
+        assert_eq!(first.bytes, data.len() as u64);
+        assert!(first.chunks.iter().all(|c| c.size <= MAX_CHUNK as u64));
+        assert!(first.new_bytes >= data.len() as u64, "noise does not compress");
+        assert_eq!(read_all(&store, &first.chunks), data);
+        // A tenth rewritten in the middle: about a tenth (plus the chunks at its edges) is new.
+        let tenth = data.len() / 10;
+        data[5 * tenth..6 * tenth].copy_from_slice(&noise(tenth, 2));
+        let second = write(&store, &[&data]);
+        assert_eq!(read_all(&store, &second.chunks), data);
+        assert!(second.new_bytes < first.new_bytes / 4, "{} of {}", second.new_bytes, first.new_bytes);
+        // The same again: nothing new.
+        assert_eq!(write(&store, &[&data]).new_bytes, 0);
+    }
+
+    #[test]
+    fn boundaries_and_splices_keep_files_on_chunk_edges() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let (a, b) = (noise(3 << 20, 3), noise(100, 4));
+        let first = write(&store, &[&a, &b]);
+        let mut w = store.writer(2);
+        w.write_all(b"header").unwrap();
+        let start = w.position();
+        w.splice(&first.chunks).unwrap();
+        // The header's chunk, then the spliced ones.
+        assert_eq!(w.position(), start + 1 + first.chunks.len());
+        w.write_all(b"trailer").unwrap();
+        let spliced = w.finish().unwrap();
+        let mut want = b"header".to_vec();
+        want.extend_from_slice(&a);
+        want.extend_from_slice(&b);
+        want.extend_from_slice(b"trailer");
+        assert_eq!(read_all(&store, &spliced.chunks), want);
+        assert!(spliced.new_bytes > 0, "the header and trailer are new");
+        assert_eq!(spliced.bytes, want.len() as u64);
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_caught_and_set_aside() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let written = write(&store, &[&noise(2 << 20, 5)]);
+        let victim = written.chunks[0].blake3;
+        let (sub, name) = rel(&victim);
+        let path = d.path().join(DIR).join(sub).join(name);
+        let mut stored = std::fs::read(&path).unwrap();
+        let mid = stored.len() / 2;
+        stored[mid] ^= 0xff;
+        std::fs::write(&path, &stored).unwrap();
+        let err = store.read(&written.chunks[0]).unwrap_err();
+        assert_eq!(err.bad_chunk(), Some(victim), "{err}");
+        let mut reader = store.reader(written.chunks.clone(), 2);
+        assert!(reader.read_to_end(&mut Vec::new()).is_err());
+        assert_eq!(reader.bad_chunk(), Some(victim));
+        store.set_aside(&victim);
+        assert!(!path.exists() && d.path().join(BAD_DIR).join(victim.to_hex()).exists());
+        assert!(matches!(store.read(&written.chunks[0]), Err(ChunkError::Missing(_))));
+        // The next write of the same data stores it again.
+        assert!(write(&store, &[&noise(2 << 20, 5)]).new_bytes > 0);
+        assert!(store.read(&written.chunks[0]).is_ok());
+    }
+
+    #[test]
+    fn a_planted_link_or_a_bomb_is_not_a_chunk() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let data = b"small".to_vec();
+        let chunk = ChunkRef { blake3: Digest::of(&data), size: data.len() as u64 };
+        let (sub, name) = rel(&chunk.blake3);
+        std::fs::create_dir_all(d.path().join(DIR).join(&sub)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join(DIR).join(&sub).join(&name)).unwrap();
+        assert!(store.read(&chunk).unwrap_err().bad_chunk().is_some());
+        std::fs::remove_file(d.path().join(DIR).join(&sub).join(&name)).unwrap();
+        // 64 MiB of zeros, compressed small, under a name that says 5 bytes.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+        std::fs::write(d.path().join(DIR).join(&sub).join(&name), bomb).unwrap();
+        assert!(matches!(store.read(&chunk), Err(ChunkError::Corrupt(_))));
+    }
+
+    #[test]
+    fn sweep_spares_listed_and_young_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let keep = write(&store, &[&noise(1 << 20, 6)]);
+        let lose = write(&store, &[&noise(1 << 20, 7)]);
+        let live: HashSet<Digest> = keep.chunks.iter().map(|c| c.blake3).collect();
+        let young = store.sweep(&live, Duration::from_secs(3600), false).unwrap();
+        assert_eq!((young.removed, young.young), (0, lose.chunks.len() as u64));
+        let dry = store.sweep(&live, Duration::ZERO, true).unwrap();
+        assert_eq!(dry.removed, lose.chunks.len() as u64);
+        assert!(store.read(&lose.chunks[0]).is_ok(), "a dry run removes nothing");
+        let swept = store.sweep(&live, Duration::ZERO, false).unwrap();
+        assert_eq!((swept.removed, swept.kept), (lose.chunks.len() as u64, keep.chunks.len() as u64));
+        assert!(matches!(store.read(&lose.chunks[0]), Err(ChunkError::Missing(_))));
+        assert_eq!(read_all(&store, &keep.chunks), noise(1 << 20, 6));
+    }
+
+    #[test]
+    fn the_cache_serves_reads_and_stays_within_its_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let cache_dir = d.path().join("cache");
+        let root = d.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let store = store(&root, Cache::open(&cache_dir, 64 << 20));
+        let data = noise(6 << 20, 8);
+        let written = write(&store, &[&data]);
+        assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), written.chunks.len());
+        // The share loses its chunks: reads come from the cache.
+        std::fs::remove_dir_all(root.join(DIR)).unwrap();
+        std::fs::create_dir(root.join(DIR)).unwrap();
+        assert_eq!(read_all(&store, &written.chunks), data);
+        let small = Cache::open(&cache_dir, 2 << 20).unwrap();
+        let (removed, _) = small.trim().unwrap();
+        assert!(removed > 0);
+        let left: u64 = std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(left <= 2 << 20, "{left}");
+    }
+
+    #[test]
+    fn assemble_writes_every_file_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let (a, b) = (noise(5 << 20, 9), Vec::<u8>::new());
+        let written = write(&store, &[&a]);
+        let out = tempfile::tempdir().unwrap();
+        let (fa, fb) = (File::create(out.path().join("a")).unwrap(), File::create(out.path().join("b")).unwrap());
+        store.assemble(&[(fa, &written.chunks[..]), (fb, &[][..])], 3).unwrap();
+        assert_eq!(std::fs::read(out.path().join("a")).unwrap(), a);
+        assert_eq!(std::fs::read(out.path().join("b")).unwrap(), b);
+    }
+}

@@ -6,7 +6,7 @@
 
 use super::archive::{CPUINFO, IMAGES_DIR};
 use super::store::Generation;
-use super::{metadata, verify, Error};
+use super::{verify, Error};
 use crate::config::Config;
 use std::path::Path;
 use std::process::Command;
@@ -28,16 +28,16 @@ pub fn record_cpuinfo(images: &Path) {
 pub fn check_compatible(gen: &Generation, config: &Config) -> Result<(), Error> {
     let verified = verify::verify(gen, config)?;
     let meta = &verified.metadata;
-    let local = metadata::tool_version("criu");
+    let local = super::boot::criu_version(config);
     let major = |v: &str| v.split('.').next().unwrap_or("").to_owned();
     if major(&local) != major(&meta.criu_version) {
         return Err(Error::CriuVersion { taken: meta.criu_version.clone(), local });
     }
     // CRIU reads the file by path: it gets a private copy of it, read here
     // without following links and checked against its digest.
-    let path = match meta.images_archive_bytes {
-        Some(_) => CPUINFO.to_owned(),
-        None => format!("{IMAGES_DIR}/{CPUINFO}"),
+    let path = match meta.images_archive_bytes.is_some() || meta.chunked() {
+        true => CPUINFO.to_owned(),
+        false => format!("{IMAGES_DIR}/{CPUINFO}"),
     };
     let cpuinfo = verify::read_listed(gen, &verified.manifest, &path, MAX_CPUINFO_BYTES);
     if let Ok(cpuinfo) = cpuinfo {

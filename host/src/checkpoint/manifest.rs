@@ -7,9 +7,11 @@
 //! A manifest is read from a directory that every machine of a fleet (and
 //! maybe its jobs) can write: [`Manifest::parse`] treats it as hostile and is
 //! the only way one read from disk becomes a value. It is a list of entries,
-//! not a map, so that it can later describe a content-addressed layout (the
-//! same file by digest, in several generations).
+//! not a map. Format 2 lets an entry be a list of chunks of the key's chunk
+//! store ([`super::chunks`]) instead of a file in the generation: the same
+//! chunk, by digest, in many generations.
 
+use super::chunks::{ChunkRef, MAX_CHUNK};
 use super::untrusted::Capped;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -22,8 +24,13 @@ use std::path::Path;
 pub const MANIFEST: &str = "manifest.json";
 /// Keyed digest of `manifest.json`'s bytes, when a fleet key is configured.
 pub const TAG: &str = "manifest.tag";
-pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
-pub const FORMAT: u32 = 1;
+/// Room for the chunk lists of a job of a few hundred GiB.
+pub const MAX_MANIFEST_BYTES: u64 = 32 << 20;
+/// Format 2 adds chunk lists; format 1 (files only) is still read.
+pub const FORMAT: u32 = 2;
+pub const OLDEST_FORMAT: u32 = 1;
+/// Chunks one manifest may list (with [`MAX_MANIFEST_BYTES`], the real bound).
+pub const MAX_CHUNKS: usize = 1 << 20;
 /// Far more than a generation has (CRIU writes hundreds of images at most).
 pub const MAX_FILES: usize = 100_000;
 pub const MAX_PATH_BYTES: usize = 255;
@@ -51,6 +58,23 @@ pub struct FileEntry {
     /// Archives: bytes of the tar stream inside, the most that unpacking may produce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unpacked_size: Option<u64>,
+    /// A file kept in the key's chunk store, not in the generation: its
+    /// content is these chunks, in order. `blake3` is then the digest of the
+    /// list ([`chunk_list_digest`]), and `size` the sum of the chunks' sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkRef>>,
+}
+
+/// What a chunked entry's `blake3` is: the BLAKE3 of each chunk's digest and
+/// size (little-endian u64), in order. Every chunk is checked against its own
+/// digest as it is read, so the file's bytes need no second hash.
+pub fn chunk_list_digest(chunks: &[ChunkRef]) -> Digest {
+    let mut hasher = blake3::Hasher::new();
+    for chunk in chunks {
+        hasher.update(&chunk.blake3.0);
+        hasher.update(&chunk.size.to_le_bytes());
+    }
+    Digest::from(hasher.finalize())
 }
 
 /// Just the format, to say "format 2" rather than "unknown field" about a
@@ -62,7 +86,9 @@ struct FormatOnly {
 
 impl Manifest {
     pub fn new(files: Vec<FileEntry>) -> Manifest {
-        Manifest { format: FORMAT, files }
+        // Format 1 while nothing is chunked: ARCH of before chunks still reads it.
+        let format = if files.iter().any(|f| f.chunks.is_some()) { FORMAT } else { OLDEST_FORMAT };
+        Manifest { format, files }
     }
 
     /// Decodes and checks a manifest read from disk (see the module's doc):
@@ -75,7 +101,9 @@ impl Manifest {
             Ok(m) => m,
             Err(e) => {
                 return Err(match serde_json::from_slice::<FormatOnly>(bytes) {
-                    Ok(FormatOnly { format }) if format != FORMAT => ManifestError::Format(format),
+                    Ok(FormatOnly { format }) if !(OLDEST_FORMAT..=FORMAT).contains(&format) => {
+                        ManifestError::Format(format)
+                    }
                     _ => ManifestError::Json(e),
                 })
             }
@@ -87,11 +115,15 @@ impl Manifest {
     /// The checks of [`Manifest::parse`] past decoding, also for a manifest
     /// about to be written.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format != FORMAT {
+        if !(OLDEST_FORMAT..=FORMAT).contains(&self.format) {
             return Err(ManifestError::Format(self.format));
         }
         if self.files.len() > MAX_FILES {
             return Err(ManifestError::TooManyFiles(self.files.len()));
+        }
+        let chunks: usize = self.files.iter().filter_map(|f| f.chunks.as_ref()).map(Vec::len).sum();
+        if chunks > MAX_CHUNKS || (self.format < 2 && chunks > 0) {
+            return Err(ManifestError::Chunks { path: "(all)".into(), reason: "too many, or in a format-1 manifest" });
         }
         let mut seen = HashSet::with_capacity(self.files.len());
         for entry in &self.files {
@@ -123,7 +155,14 @@ impl Manifest {
 
 impl FileEntry {
     pub fn new(path: impl Into<String>, size: u64, digest: &Digest) -> FileEntry {
-        FileEntry { path: path.into(), size, blake3: digest.to_hex(), unpacked_size: None }
+        FileEntry { path: path.into(), size, blake3: digest.to_hex(), unpacked_size: None, chunks: None }
+    }
+
+    /// A file kept as chunks of the key's store.
+    pub fn chunked(path: impl Into<String>, chunks: Vec<ChunkRef>) -> FileEntry {
+        let size = chunks.iter().map(|c| c.size).sum();
+        let digest = chunk_list_digest(&chunks);
+        FileEntry { chunks: Some(chunks), ..FileEntry::new(path, size, &digest) }
     }
 
     /// Path, sizes and digest within the rules of [`Manifest::parse`].
@@ -137,7 +176,21 @@ impl FileEntry {
                 _ => {}
             }
         }
-        self.digest().map(|_| ())
+        let digest = self.digest()?;
+        if let Some(chunks) = &self.chunks {
+            let bad = |reason| Err(ManifestError::Chunks { path: shown(&self.path), reason });
+            if chunks.iter().any(|c| c.size == 0 || c.size > MAX_CHUNK as u64) {
+                return bad("a chunk of 0 bytes or more than the largest chunk");
+            }
+            // Chunk sizes are bounded, so the sum cannot overflow.
+            if chunks.iter().map(|c| c.size).sum::<u64>() != self.size {
+                return bad("chunks that do not add up to its size");
+            }
+            if chunk_list_digest(chunks) != digest {
+                return bad("a digest that is not its chunk list's");
+            }
+        }
+        Ok(())
     }
 
     pub fn digest(&self) -> Result<Digest, ManifestError> {
@@ -207,7 +260,7 @@ pub enum ManifestError {
     TooLarge { bytes: u64 },
     #[error("manifest is not valid JSON of format {FORMAT}: {0}")]
     Json(serde_json::Error),
-    #[error("manifest format {0} (this ARCH reads {FORMAT})")]
+    #[error("manifest format {0} (this ARCH reads {OLDEST_FORMAT} to {FORMAT})")]
     Format(u32),
     #[error("manifest lists {0} files, more than the {MAX_FILES} allowed")]
     TooManyFiles(usize),
@@ -217,6 +270,8 @@ pub enum ManifestError {
     DuplicatePath(String),
     #[error("manifest gives {path} a {field} of {value}, more than the {MAX_FILE_BYTES} allowed")]
     TooBig { path: String, field: &'static str, value: u64 },
+    #[error("manifest gives {path} {reason}")]
+    Chunks { path: String, reason: &'static str },
     #[error("manifest's digest of {path} is not 64 lowercase hex digits")]
     BadDigest { path: String },
     #[error("manifest does not list {0}")]
@@ -639,13 +694,38 @@ mod tests {
     }
 
     #[test]
+    fn chunk_lists_must_add_up_and_match_their_digest() {
+        let chunk = |byte: u8, size| ChunkRef { blake3: Digest([byte; 32]), size };
+        let good = FileEntry::chunked("images/pages-1.img", vec![chunk(1, 10), chunk(2, 20)]);
+        assert_eq!(good.size, 30);
+        let m = Manifest::new(vec![good.clone()]);
+        assert_eq!(m.format, FORMAT, "chunks need format 2");
+        assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
+        let bad = [
+            FileEntry { size: 31, ..good.clone() },
+            FileEntry { chunks: Some(vec![chunk(1, 10), chunk(3, 20)]), ..good.clone() },
+            FileEntry::chunked("x", vec![chunk(1, 0)]),
+            FileEntry::chunked("x", vec![chunk(1, MAX_CHUNK as u64 + 1)]),
+        ];
+        for entry in bad {
+            let bytes = Manifest { format: FORMAT, files: vec![entry.clone()] }.to_bytes();
+            assert!(matches!(Manifest::parse(&bytes), Err(ManifestError::Chunks { .. })), "{entry:?}");
+        }
+        // A format-1 manifest has no chunks.
+        let old = Manifest { format: 1, files: vec![good] }.to_bytes();
+        assert!(matches!(Manifest::parse(&old), Err(ManifestError::Chunks { .. })));
+        // Files only: still written as format 1, which ARCH before chunks reads.
+        assert_eq!(Manifest::new(vec![entry("a", b"x")]).format, 1);
+    }
+
+    #[test]
     fn refuses_other_formats() {
         let mut m = sample();
-        m.format = 2;
-        assert!(matches!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(2))));
-        // A newer format with fields this ARCH does not know: still "format 2".
-        let newer = br#"{"format":2,"files":[],"chunks":[]}"#;
-        assert!(matches!(Manifest::parse(newer), Err(ManifestError::Format(2))));
+        m.format = 3;
+        assert!(matches!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(3))));
+        // A newer format with fields this ARCH does not know: still "format 3".
+        let newer = br#"{"format":3,"files":[],"extents":[]}"#;
+        assert!(matches!(Manifest::parse(newer), Err(ManifestError::Format(3))));
         m.format = 0;
         assert!(matches!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(0))));
     }

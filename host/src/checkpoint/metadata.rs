@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 /// 2: typed CRIU options instead of runc flags, and a manifest of digests;
 /// 3: what triggered the checkpoint, and when.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
+/// What a generation of files storage is written as (format 4 only adds chunks).
+pub const FILES_FORMAT: u32 = 3;
 /// The oldest format still read: 2 is 3 without the trigger fields.
 pub const OLDEST_FORMAT: u32 = 2;
 pub const FILE: &str = "metadata.json";
@@ -87,7 +89,8 @@ pub struct Metadata {
     pub images_bytes: u64,
     /// Size of `images.tar.zst` (network-fs mode).
     pub images_archive_bytes: Option<u64>,
-    /// Size of `rootfs-diff.tar.zst`; none if the container had no overlay upperdir.
+    /// Size of `rootfs-diff.tar.zst` (of the tar stream `rootfs-diff.tar` when
+    /// chunked); none if the container had no overlay upperdir.
     pub rootfs_archive_bytes: Option<u64>,
     pub rootfs_files: u64,
     /// Bytes of file content in the layer: with `rootfs_files`, the bound on unpacking it.
@@ -103,6 +106,40 @@ pub struct Metadata {
     /// When that trigger fired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger_fired_unix_ms: Option<u64>,
+    /// `chunks`: the images (`images/<name>`) and the layer's tar stream
+    /// (`rootfs-diff.tar`) are chunk lists of the key's store (format 4).
+    /// Absent: files in the generation, as `mode` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    /// What this generation added to the checkpoint root: its new chunks
+    /// (compressed) and its own small files. The rest it shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_bytes: Option<u64>,
+    /// Files of the layer read for this generation, and files taken from the
+    /// previous one (or the pre-copy) without reading them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_files_read: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_files_reused: Option<u64>,
+}
+
+/// [`Metadata::storage`] of a chunked generation.
+pub const CHUNKS: &str = "chunks";
+
+impl Metadata {
+    /// Whether the images and the layer are in the key's chunk store.
+    pub fn chunked(&self) -> bool {
+        self.storage.as_deref() == Some(CHUNKS)
+    }
+
+    /// The generation's content before compression: images and the layer's stream.
+    pub fn total_bytes(&self) -> u64 {
+        self.images_bytes.saturating_add(if self.chunked() {
+            self.rootfs_archive_bytes.unwrap_or(0)
+        } else {
+            self.rootfs_bytes
+        })
+    }
 }
 
 impl Metadata {
@@ -124,6 +161,9 @@ impl Metadata {
         if !crate::config::Mode::ALL.iter().any(|m| m.as_str() == meta.mode) {
             return Err(format!("{FILE}: mode {:?}", meta.mode));
         }
+        if meta.storage.as_deref().is_some_and(|s| s != CHUNKS) {
+            return Err(format!("{FILE}: storage {:?}", meta.storage));
+        }
         Ok(meta)
     }
 
@@ -143,6 +183,14 @@ pub fn validate(dir: &Pinned, meta: &Metadata) -> Result<(), String> {
         return Err(format!("dump.log does not end in success: {:?}", last.chars().take(200).collect::<String>()));
     }
     let size = |name: &str| dir.open(name).map(|(_, size)| size).map_err(|e| e.to_string());
+    if meta.chunked() {
+        // The images and the layer are chunk lists: the manifest says what
+        // they are, and every chunk is checked as it is read.
+        if meta.rootfs_archive_bytes.is_some() {
+            size("rootfs-diff.json")?;
+        }
+        return Ok(());
+    }
     match meta.images_archive_bytes {
         Some(bytes) => {
             let have = size("images.tar.zst")?;

@@ -27,6 +27,7 @@
 //! that go with their run ([`Scratch`]).
 
 pub mod archive;
+pub mod boot;
 pub mod catalog;
 pub mod chunks;
 pub mod compat;
@@ -135,6 +136,9 @@ pub enum Error {
     Layer(anyhow::Error),
     #[error("preparing the images panicked")]
     Panicked,
+    /// A chunk of the key's store is missing or corrupt (a corrupt one is set aside).
+    #[error(transparent)]
+    Chunk(#[from] chunks::ChunkError),
 
     /// A file of ARCH's own, with what it was.
     #[error("{what}: {source}")]
@@ -214,11 +218,18 @@ impl Phases {
 /// unpacked images), removed when its run ends however it ends.
 struct Scratch(Option<PathBuf>);
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
+impl Scratch {
+    /// Removes it now rather than when its run ends.
+    fn remove_now(&mut self) {
+        if let Some(dir) = self.0.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.remove_now();
     }
 }
 

@@ -5,6 +5,7 @@
 //! that failed, so that it is never tried again.
 
 use super::archive::{self, IMAGES_ARCHIVE, IMAGES_DIR};
+use super::chunks::ChunkStore;
 use super::key::Location;
 use super::metadata::Metadata;
 use super::store::{Generation, Store};
@@ -12,6 +13,7 @@ use super::verify::{self, Verified};
 use super::{rootfs, scratch, untrusted, Error, Phases, Scratch, Target};
 use crate::config::Config;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A published generation, with its verified metadata or why it is not valid.
@@ -58,6 +60,13 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     let verified = verify::verify(&gen, config)?;
     let meta = &verified.metadata;
     phases.end_from_start("validate");
+    let chunks = match meta.chunked() {
+        true => {
+            let cache = (location.mode == crate::config::Mode::NetworkFs).then(|| config.chunk_cache()).flatten();
+            Some(Arc::new(gen.chunks(cache).map_err(|e| Error::io_at("the chunk store", e))?))
+        }
+        false => None,
+    };
     let staging = super::staging_dir(config).join(format!("restore-{}-{}", req.target.id, std::process::id()));
     let _staging = Scratch(Some(staging.clone()));
     let work = staging.join("work");
@@ -67,10 +76,25 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     let rootfs = req.target.bundle.join("rootfs");
     let rollback = meta.rootfs_archive_bytes.is_some().then(|| rootfs::Rollback::arm(&rootfs));
     let (images, layer) = std::thread::scope(|scope| {
-        let images = scope.spawn(|| prepare_images(&gen, &verified, &staging));
-        let layer = put_back_layer(&gen, &verified, &rootfs, &staging);
+        let images = scope.spawn(|| prepare_images(&gen, &verified, chunks.as_deref(), &staging));
+        let layer = put_back_layer(&gen, &verified, chunks.as_ref(), &rootfs, &staging);
         (images.join().unwrap_or(Err(Error::Panicked)), layer)
     });
+    if let (Some(chunks), Err(Error::Chunk(e)), _) | (Some(chunks), _, Err(Error::Chunk(e))) =
+        (&chunks, &images, &layer)
+    {
+        // Every generation that lists it fails until a checkpoint writes it again.
+        if let Some(bad) = e.bad_chunk() {
+            chunks.set_aside(&bad);
+        }
+    }
+    if let Some(chunks) = &chunks {
+        let (from_cache, from_store) = chunks.reads();
+        tracing::info!(id = req.target.id, generation = name, from_cache, from_store, "chunks read");
+        if let Some(cache) = config.chunk_cache() {
+            let _ = cache.trim();
+        }
+    }
     let (images, _images_dir, (phase, images_ms)) = images?;
     phases.insert(phase, images_ms);
     if let Some(layer_ms) = layer? {
@@ -111,7 +135,13 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
 
 /// The writable layer back through the new container's rootfs, if the
 /// generation has one; how long that took.
-fn put_back_layer(gen: &Generation, verified: &Verified, rootfs: &Path, staging: &Path) -> Result<Option<u64>, Error> {
+fn put_back_layer(
+    gen: &Generation,
+    verified: &Verified,
+    chunks: Option<&Arc<ChunkStore>>,
+    rootfs: &Path,
+    staging: &Path,
+) -> Result<Option<u64>, Error> {
     let meta = &verified.metadata;
     if meta.rootfs_archive_bytes.is_none() {
         return Ok(None);
@@ -119,6 +149,17 @@ fn put_back_layer(gen: &Generation, verified: &Verified, rootfs: &Path, staging:
     let started = Instant::now();
     let limit = untrusted::tar_bound(meta.rootfs_bytes, meta.rootfs_files);
     let diff_list = verified.diff_list.as_deref().unwrap_or_default();
+    if let Some(chunks) = chunks {
+        let list = verified.manifest.require(rootfs::STREAM)?.chunks.clone().unwrap_or_default();
+        let mut stream = chunks.reader(list, super::chunks::threads());
+        let applied = rootfs::apply_stream(&mut stream, diff_list, rootfs, staging, meta.rootfs_bytes, limit);
+        if let Some(bad) = stream.bad_chunk() {
+            // Set aside by the caller, with one the images may have found.
+            return Err(Error::Chunk(super::chunks::ChunkError::Corrupt(bad)));
+        }
+        applied.map_err(Error::Layer)?;
+        return Ok(Some(crate::util::time::ms_since(started)));
+    }
     let entry = verified.manifest.require(rootfs::ARCHIVE)?;
     rootfs::apply(gen.pinned(), entry, diff_list, rootfs, staging, meta.rootfs_bytes, limit).map_err(Error::Layer)?;
     Ok(Some(crate::util::time::ms_since(started)))
@@ -131,9 +172,15 @@ fn put_back_layer(gen: &Generation, verified: &Verified, rootfs: &Path, staging:
 fn prepare_images(
     gen: &Generation,
     verified: &Verified,
+    chunks: Option<&ChunkStore>,
     staging: &Path,
 ) -> Result<(PathBuf, Option<untrusted::Pinned>, (&'static str, u64)), Error> {
     let started = Instant::now();
+    if let Some(chunks) = chunks {
+        let images = staging.join("images");
+        archive::assemble_images(&verified.manifest, chunks, &images, verified.metadata.images_bytes)?;
+        return Ok((images, None, ("assemble", crate::util::time::ms_since(started))));
+    }
     match verified.metadata.images_archive_bytes {
         Some(_) => {
             let images = staging.join("images");

@@ -29,6 +29,12 @@ use std::process::{Command, Stdio};
 pub const HELPER_ARGV0: &str = "arch-runc:apply-rootfs";
 pub const ARCHIVE: &str = "rootfs-diff.tar.zst";
 pub const MANIFEST: &str = "rootfs-diff.json";
+/// Chunked generations: the layer's tar stream (a chunk list, not a file).
+pub const STREAM: &str = "rootfs-diff.tar";
+/// Chunked generations: which chunks of the stream each file's content is
+/// (so that the next generation need not read an unchanged file).
+pub const INDEX: &str = "rootfs-index.json";
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// Far more than any real layer lists; anything larger was not written by ARCH.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
@@ -312,11 +318,7 @@ pub fn apply(
     content: u64,
     limit: u64,
 ) -> anyhow::Result<()> {
-    super::untrusted::ensure_room(rootfs, content)?;
-    let manifest = Manifest::parse(diff_list)?;
-    crate::util::fs::create_private_dir(scratch)?;
-    let checked = scratch.join(MANIFEST);
-    crate::util::fs::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
+    let checked = check_diff_list(diff_list, rootfs, scratch, content)?;
     let local = scratch.join(ARCHIVE);
     copy_verified(entry, dir.open(ARCHIVE)?.0, crate::util::fs::private_file(&local)?)?;
     let archive = File::open(&local)?;
@@ -345,6 +347,54 @@ pub fn apply(
     // zstd's checksum is the archive's integrity check: a layer it rejects
     // must fail the restore even if the tar stream happened to end cleanly.
     finish_zstd(zstd).context("the rootfs diff is corrupt")?;
+    Ok(())
+}
+
+/// Checks the diff list whole and gives the helper a private copy of it, if the disk has room for the layer.
+fn check_diff_list(diff_list: &[u8], rootfs: &Path, scratch: &Path, content: u64) -> anyhow::Result<PathBuf> {
+    super::untrusted::ensure_room(rootfs, content)?;
+    let manifest = Manifest::parse(diff_list)?;
+    crate::util::fs::create_private_dir(scratch)?;
+    let checked = scratch.join(MANIFEST);
+    crate::util::fs::private_file(&checked)?.write_all(&serde_json::to_vec(&manifest)?)?;
+    Ok(checked)
+}
+
+/// Chunks storage: as [`apply`], with the layer's tar stream read from
+/// `stream` (the chunk store's reader, which checks every chunk before it
+/// hands out its bytes). If the stream fails, the helper is killed before it
+/// could take the cut for the archive's end.
+pub fn apply_stream(
+    stream: &mut impl std::io::Read,
+    diff_list: &[u8],
+    rootfs: &Path,
+    scratch: &Path,
+    content: u64,
+    limit: u64,
+) -> anyhow::Result<()> {
+    let checked = check_diff_list(diff_list, rootfs, scratch, content)?;
+    let mut helper = Command::new("/proc/self/exe")
+        .arg0(HELPER_ARGV0)
+        .arg(rootfs)
+        .arg(&checked)
+        .arg(limit.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = helper.stdin.take().expect("piped");
+    let fed = std::io::copy(stream, &mut stdin);
+    if let Err(e) = fed {
+        // A broken pipe is the helper's refusal, said below; anything else is the stream's.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = helper.kill();
+            let _ = helper.wait();
+            return Err(anyhow::Error::new(e).context("reading the rootfs diff"));
+        }
+    }
+    drop(stdin);
+    let out = helper.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "unpacking the rootfs diff: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! <root>/<key>/.arch/quarantine/<name>/            invalid or failed to restore; never retried
 //! <root>/<key>/.arch/quarantine/<name>.reason      why (written by ARCH, never inside the generation)
 //! <root>/<key>/.arch/completed.json                the job exited 0: not restored, removed after a TTL
+//! <root>/<key>/.arch/chunks/                       the key's chunk store (see `chunks`)
 //! ```
 //!
 //! A generation is published by one `rename` of its pending directory after
@@ -16,6 +17,7 @@
 //! symlink is ever followed below the root), because a Network FS root is
 //! shared and whatever is in it is untrusted.
 
+use super::chunks::{Cache as ChunkCache, ChunkStore};
 use super::key::Location;
 use super::metadata::Metadata;
 use super::untrusted::Pinned;
@@ -71,6 +73,8 @@ pub struct Generation {
 struct GenerationPins {
     parent: Pinned,
     dir: Pinned,
+    /// The key's `.arch`, where its chunk store is.
+    arch: Pinned,
 }
 
 impl PartialEq for Generation {
@@ -81,7 +85,7 @@ impl PartialEq for Generation {
 impl Eq for Generation {}
 
 impl Generation {
-    fn open(parent: &Pinned, name: &str) -> io::Result<Generation> {
+    fn open(arch: &Pinned, parent: &Pinned, name: &str) -> io::Result<Generation> {
         let parent = parent.reopen()?;
         let dir = parent.dir(name, false)?;
         Ok(Generation {
@@ -89,8 +93,14 @@ impl Generation {
             dir: dir.path().to_path_buf(),
             shown: dir.shown().to_path_buf(),
             entry_name: name.to_owned(),
-            pins: Arc::new(GenerationPins { parent, dir }),
+            pins: Arc::new(GenerationPins { parent, dir, arch: arch.reopen()? }),
         })
+    }
+
+    /// The chunk store its chunked files are in (the key's), with this
+    /// machine's cache in front.
+    pub fn chunks(&self, cache: Option<ChunkCache>) -> io::Result<ChunkStore> {
+        ChunkStore::open(&self.pins.arch, false, cache)
     }
 
     /// The generation's directory, for reads that must not follow links.
@@ -134,13 +144,18 @@ impl Store {
         &self.shown
     }
 
-    /// `.arch/<sub>` opened (made if `create`), `None` if absent.
-    fn sub(&self, sub: &str, create: bool) -> io::Result<Option<Pinned>> {
+    /// `.arch/<sub>` opened (made if `create`), `None` if absent; with `.arch`.
+    fn sub(&self, sub: &str, create: bool) -> io::Result<Option<(Pinned, Pinned)>> {
         let Some(arch) = self.arch(create)? else { return Ok(None) };
-        if create {
-            arch.dir(sub, true).map(Some)
-        } else {
-            arch.existing_dir(sub)
+        let dir = if create { Some(arch.dir(sub, true)?) } else { arch.existing_dir(sub)? };
+        Ok(dir.map(|dir| (arch, dir)))
+    }
+
+    /// The key's chunk store (made if `create`), with this machine's cache in front.
+    pub fn chunks(&self, create: bool, cache: Option<ChunkCache>) -> io::Result<Option<ChunkStore>> {
+        match self.arch(create)? {
+            Some(arch) => ChunkStore::open(&arch, create, cache).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -157,8 +172,8 @@ impl Store {
 
     /// Quarantined generations, newest first, with the reason each was set aside.
     pub fn quarantined(&self) -> io::Result<Vec<(Generation, String)>> {
-        let Some(dir) = self.sub("quarantine", false)? else { return Ok(Vec::new()) };
-        Ok(list(&dir)?
+        let Some((arch, dir)) = self.sub("quarantine", false)? else { return Ok(Vec::new()) };
+        Ok(list(&arch, &dir)?
             .into_iter()
             .map(|g| {
                 let reason = dir
@@ -206,7 +221,7 @@ impl Store {
     /// Published generations, newest first.
     pub fn generations(&self) -> io::Result<Vec<Generation>> {
         match self.sub("generations", false)? {
-            Some(dir) => list(&dir),
+            Some((arch, dir)) => list(&arch, &dir),
             None => Ok(Vec::new()),
         }
     }
@@ -215,7 +230,8 @@ impl Store {
         if !(name.starts_with("gen-") && crate::argv::is_valid_id(name)) {
             return None;
         }
-        Generation::open(&self.sub("generations", false).ok()??, name).ok()
+        let (arch, dir) = self.sub("generations", false).ok()??;
+        Generation::open(&arch, &dir, name).ok()
     }
 
     /// A new, empty pending directory (removing failed attempts left behind
@@ -225,27 +241,26 @@ impl Store {
         let arch = self.arch(true)?.expect("created");
         let pending = format!("pending-{name}");
         arch.dir(&pending, true)?;
-        let gen = Generation::open(&arch, &pending)?;
+        let gen = Generation::open(&arch, &arch, &pending)?;
         Ok(Generation { name: name.to_owned(), ..gen })
     }
 
     /// Makes a complete pending generation visible, atomically.
     pub fn publish(&self, pending: &Generation) -> io::Result<Generation> {
-        let gens = self.sub("generations", true)?.expect("created");
+        let (arch, gens) = self.sub("generations", true)?.expect("created");
         sync_filesystem(pending.pinned())?;
         std::fs::rename(pending.entry(), gens.path().join(&pending.name))?;
         gens.sync()?;
         // A new checkpoint means the job runs again: it is no longer finished.
-        let arch = self.arch(true)?.expect("created");
         crate::util::fs::remove_if_present(&arch.path().join("completed.json"))?;
-        Generation::open(&gens, &pending.name)
+        Generation::open(&arch, &gens, &pending.name)
     }
 
     /// Sets a generation aside so that it is never tried again: one rename of
     /// its directory (nothing is written through its contents), then the
     /// reason in a new file of ARCH's beside it.
     pub fn quarantine(&self, gen: &Generation, reason: &str) -> io::Result<()> {
-        let q = self.sub("quarantine", true)?.expect("created");
+        let (_, q) = self.sub("quarantine", true)?.expect("created");
         std::fs::rename(gen.entry(), q.path().join(&gen.name))?;
         gen.pins.parent.sync()?;
         let reason_file = format!("{}.reason", gen.name);
@@ -279,11 +294,11 @@ fn pending_in(arch: &Pinned) -> Vec<String> {
 }
 
 /// The generations (real `gen-*` directories, never links) in `dir`, newest first.
-fn list(dir: &Pinned) -> io::Result<Vec<Generation>> {
+fn list(arch: &Pinned, dir: &Pinned) -> io::Result<Vec<Generation>> {
     let mut gens = Vec::new();
     for (name, is_dir) in dir.entries()? {
         if is_dir && name.starts_with("gen-") {
-            match Generation::open(dir, &name) {
+            match Generation::open(arch, dir, &name) {
                 Ok(g) => gens.push(g),
                 Err(e) => tracing::warn!(dir = %dir.shown().join(&name).display(), error = %e, "unreadable generation"),
             }

@@ -2,25 +2,34 @@
 //!
 //! 1. [`take`]: the key's lock, killed runs' scratch cleaned, a new pending
 //!    generation (removed again if anything below fails).
-//! 2. [`prepare`]: the options, the fleet key, where CRIU writes.
-//! 3. [`dump`]: ARCH's [`Freeze`] (`--leave-running` only), then
-//!    `runc checkpoint` into the pending generation (or local staging).
-//! 4. [`capture_layer`]: the overlay upperdir, copied while still frozen;
-//!    the frozen window ends there, then the copy is compressed.
-//! 5. [`images`]: CRIU's log and images into the generation (packed in
-//!    Network FS mode), containerd's copy in its `--image-path`.
-//! 6. [`seal`]: metadata and manifest written, the generation validated.
-//! 7. [`publish`]: one rename makes it visible; older generations pruned.
+//! 2. [`prepare`]: the options, the fleet key, where CRIU writes, the key's
+//!    chunk store and what the previous generation says of the layer.
+//! 3. [`precopy_layer`] (chunks, `--leave-running`): the layer stored while
+//!    the container still runs, so that the frozen pass reads only what changed.
+//! 4. [`dump`]: ARCH's [`Freeze`] (`--leave-running` only), then
+//!    `runc checkpoint` into local staging (or the pending generation).
+//! 5. [`capture_layer`]: the overlay upperdir, while still frozen: into the
+//!    chunk store (files unchanged since the pre-copy or the previous
+//!    generation are not read), or copied and compressed (files storage);
+//!    the frozen window ends there.
+//! 6. [`images`]: CRIU's log and images into the generation: chunks of the
+//!    key's store, or files (packed in Network FS mode); containerd's copy
+//!    in its `--image-path`.
+//! 7. [`seal`]: metadata and manifest written, the generation validated.
+//! 8. [`publish`]: one flush and one rename make it visible; older generations pruned.
 
+use super::chunks::{ChunkRef, ChunkStore};
 use super::freeze::Freeze;
+use super::layer::{self, LayerIndex};
 use super::manifest::{self, FileEntry, FleetKey, Manifest};
 use super::metadata::{self, CriuOptions, Metadata};
 use super::store::{Generation, Store};
 use super::{archive, rootfs, scratch, Error, Phases, Scratch, Target};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, Storage};
 use crate::util::time::now_ms;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What `take` needs to know about the call.
@@ -62,10 +71,26 @@ pub fn take(req: &TakeRequest) -> Result<Taken, Error> {
 }
 
 fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Taken, Error> {
-    let prepared = prepare(req, pending)?;
-    let (mut meta, mut phases, frozen) = dump(req, pending, &prepared)?;
-    let mut files = capture_layer(req, pending, &prepared, &mut meta, &mut phases, frozen)?;
+    let mut prepared = prepare(req, store, pending)?;
+    let predumped = predump(req, &prepared)?;
+    let precopied = precopy_layer(req, &prepared)?;
+    let (mut meta, mut phases, frozen) = dump(req, pending, &prepared, predumped.is_some())?;
+    if let Some(ms) = predumped {
+        phases.insert("predump", ms);
+    }
+    if let Some(pre) = &precopied {
+        phases.insert("rootfs_precopy", pre.ms);
+    }
+    let mut files = match &prepared.chunks {
+        Some(chunks) => {
+            capture_layer_chunks(req, pending, chunks, &prepared, precopied, &mut meta, &mut phases, frozen)?
+        }
+        None => capture_layer(req, pending, &prepared, &mut meta, &mut phases, frozen)?,
+    };
     files.extend(images(req, pending, &prepared, &mut meta, &mut phases)?);
+    // CRIU's raw images are stored: gone before the flush, which then has
+    // none of their pages to write (staging may share the root's disk).
+    prepared._staging.remove_now();
     seal(req, pending, &prepared, files, &mut meta, &mut phases)?;
     publish(req, store, pending, meta, phases)
 }
@@ -79,26 +104,120 @@ struct Prepared {
     images: PathBuf,
     work: PathBuf,
     _staging: Scratch,
+    /// The key's chunk store (chunks storage).
+    chunks: Option<Arc<ChunkStore>>,
+    /// The newest generation's layer index and stream, if it has them.
+    previous: Option<(LayerIndex, Vec<ChunkRef>)>,
 }
 
 /// Everything the dump needs, before anything runs: an error here means
 /// runc was not run.
-fn prepare(req: &TakeRequest, pending: &Generation) -> Result<Prepared, Error> {
+fn prepare(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Prepared, Error> {
     let config = req.target.config;
     let options = options(config, req.options);
     let fleet_key = super::fleet_key(config)?;
-    // CRIU writes many small files: on a network FS they go to local staging
-    // first and reach the share as one archive.
-    let local = match req.target.location.mode {
-        Mode::Basic => pending.dir.clone(),
-        Mode::NetworkFs => super::staging_dir(config).join(&pending.name),
+    let chunked = config.checkpoint_storage == Storage::Chunks;
+    // CRIU writes many small files: on a network FS, or to be cut into
+    // chunks, they go to local staging first.
+    let local = match (req.target.location.mode, chunked) {
+        (Mode::Basic, false) => pending.dir.clone(),
+        _ => super::staging_dir(config).join(&pending.name),
     };
     let (images, work) = (local.join("images"), local.join("work"));
     for dir in [&images, &work] {
         crate::util::fs::create_private_dir(dir).map_err(|e| Error::io_at(dir.display(), e))?;
     }
-    let staging = Scratch((req.target.location.mode == Mode::NetworkFs).then(|| local.clone()));
-    Ok(Prepared { options, fleet_key, local, images, work, _staging: staging })
+    let staging = Scratch((local != pending.dir).then(|| local.clone()));
+    let (chunks, previous) = if chunked {
+        let cache = (req.target.location.mode == Mode::NetworkFs).then(|| config.chunk_cache()).flatten();
+        let chunks = store.chunks(true, cache).map_err(|e| Error::io_at("the chunk store", e))?.map(Arc::new);
+        (chunks, previous_layer(store, fleet_key.as_ref()))
+    } else {
+        (None, None)
+    };
+    Ok(Prepared { options, fleet_key, local, images, work, _staging: staging, chunks, previous })
+}
+
+/// What the key's newest generation recorded of its layer (index and
+/// stream), if it is chunked and verifies: files it lists unchanged are not
+/// read again. Anything wrong with it only means reading everything.
+fn previous_layer(store: &Store, key: Option<&FleetKey>) -> Option<(LayerIndex, Vec<ChunkRef>)> {
+    let newest = store.generations().ok()?.into_iter().next()?;
+    let verified = super::verify::verify_with(&newest, key).ok()?;
+    let stream = verified.manifest.entry(rootfs::STREAM)?.chunks.clone()?;
+    let index = super::verify::read_listed(&newest, &verified.manifest, rootfs::INDEX, rootfs::MAX_INDEX_BYTES).ok()?;
+    match serde_json::from_slice(&index) {
+        Ok(index) => Some((index, stream)),
+        Err(e) => {
+            tracing::warn!(generation = %newest.name, error = %e, "previous layer index unreadable: the layer is read whole");
+            None
+        }
+    }
+}
+
+/// Where the kernel tracks dirty pages, a periodic checkpoint has CRIU copy
+/// the memory while the container runs (`runc checkpoint --pre-dump` into
+/// `parent/`), so that the dump, frozen, writes only the pages dirtied since
+/// (`--parent-path`). Elsewhere (or if the pre-dump fails) the dump is whole;
+/// the chunk store still writes only what changed. Returns its milliseconds.
+fn predump(req: &TakeRequest, prepared: &Prepared) -> Result<Option<u64>, Error> {
+    let periodic = req.trigger.kind == crate::triggers::Kind::Interval;
+    if !(periodic && req.leave_running && prepared.chunks.is_some() && super::boot::dirty_tracking(req.target.config)) {
+        return Ok(None);
+    }
+    let (parent, work) = (prepared.local.join(archive::PARENT_DIR), prepared.local.join("work-predump"));
+    for dir in [&parent, &work] {
+        crate::util::fs::create_private_dir(dir).map_err(|e| Error::io_at(dir.display(), e))?;
+    }
+    let runc = req.target.runc;
+    let argv = runc.argv(&[
+        "checkpoint",
+        "--pre-dump",
+        "--image-path",
+        super::path_str(&parent),
+        "--work-path",
+        super::path_str(&work),
+        req.target.id,
+    ]);
+    let started = Instant::now();
+    let status = runc.run(&argv)?;
+    let ms = crate::util::time::ms_since(started);
+    tracing::info!(argv = ?argv, status, ms, "runc checkpoint --pre-dump");
+    if status != 0 {
+        let _ = std::fs::remove_dir_all(&parent);
+        tracing::warn!(id = req.target.id, status, "pre-dump failed: the dump is whole");
+        return Ok(None);
+    }
+    Ok(Some(ms))
+}
+
+/// The layer stored while the container still runs (`--leave-running`,
+/// chunks storage): its index and stream, for the frozen pass.
+struct Precopied {
+    index: LayerIndex,
+    chunks: Vec<ChunkRef>,
+    new_bytes: u64,
+    ms: u64,
+}
+
+/// Stores the layer before the freeze: everything but what changes in the
+/// moments until the freeze, which the frozen pass then reads.
+fn precopy_layer(req: &TakeRequest, prepared: &Prepared) -> Result<Option<Precopied>, Error> {
+    let Some(chunks) = prepared.chunks.as_ref().filter(|_| req.leave_running) else { return Ok(None) };
+    let Ok(Some(upper)) = rootfs::upperdir(&req.target.bundle.join("rootfs")) else { return Ok(None) };
+    let started = Instant::now();
+    let survey = rootfs::survey(&upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
+    let previous = prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks });
+    let mut sink = chunks.writer(super::chunks::threads());
+    let written = layer::write(&upper, &survey, previous, &mut sink)
+        .map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
+    let stream = sink.finish().map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
+    Ok(Some(Precopied {
+        index: written.index,
+        chunks: stream.chunks,
+        new_bytes: stream.new_bytes,
+        ms: crate::util::time::ms_since(started),
+    }))
 }
 
 /// The host's `checkpoint_flags` (those in the allow-list; others are
@@ -123,6 +242,7 @@ fn dump<'t>(
     req: &'t TakeRequest,
     pending: &Generation,
     prepared: &Prepared,
+    predumped: bool,
 ) -> Result<(Metadata, Phases, Freeze<'t>), Error> {
     if req.deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Error::TooLate);
@@ -140,6 +260,10 @@ fn dump<'t>(
     if req.leave_running {
         argv.push("--leave-running".into());
     }
+    if predumped {
+        // CRIU takes the parent's images relative to the images directory.
+        argv.extend(["--parent-path".into(), format!("../{}", archive::PARENT_DIR)]);
+    }
     argv.extend(prepared.options.flags().into_iter().map(String::from));
     argv.push(req.target.id.into());
     let started = Instant::now();
@@ -153,7 +277,8 @@ fn dump<'t>(
         return Err(Error::Runc(status));
     }
     let meta = Metadata {
-        format: metadata::FORMAT,
+        // Files storage keeps the format ARCH of before chunks reads.
+        format: metadata::FILES_FORMAT,
         name: pending.name.clone(),
         key: req.target.location.key.clone(),
         namespace: req.namespace.into(),
@@ -240,6 +365,75 @@ fn capture_layer(
     Ok(files)
 }
 
+/// The writable layer into the key's chunk store, while still frozen (with
+/// `--leave-running`): a file unchanged since the pre-copy (or, without one,
+/// since the previous generation) is taken from there without being read.
+/// The frozen window ends once what changed is stored. Returns the diff
+/// list's and the index's manifest entries, and the stream's chunk list.
+#[allow(clippy::too_many_arguments)]
+fn capture_layer_chunks(
+    req: &TakeRequest,
+    pending: &Generation,
+    chunks: &Arc<ChunkStore>,
+    prepared: &Prepared,
+    precopied: Option<Precopied>,
+    meta: &mut Metadata,
+    phases: &mut Phases,
+    frozen: Freeze,
+) -> Result<Vec<FileEntry>, Error> {
+    let started = Instant::now();
+    let upper = match rootfs::upperdir(&req.target.bundle.join("rootfs")) {
+        Ok(upper) => upper,
+        Err(e) => return Err(Error::incomplete("finding the rootfs upperdir", e)),
+    };
+    let Some(upper) = upper else {
+        frozen.thaw();
+        tracing::warn!(id = req.target.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
+        return Ok(Vec::new());
+    };
+    let survey = rootfs::survey(&upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
+    let previous = match &precopied {
+        Some(pre) => Some(layer::Previous { index: &pre.index, chunks: &pre.chunks }),
+        None => prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks }),
+    };
+    let mut sink = chunks.writer(super::chunks::threads());
+    let written = layer::write(&upper, &survey, previous, &mut sink);
+    let stream = written.and_then(|w| Ok((w, sink.finish()?)));
+    // The end of the frozen window.
+    frozen.thaw();
+    if req.leave_running {
+        phases.end_from_start("freeze");
+    }
+    let (written, stream) = stream.map_err(|e| Error::incomplete("storing the rootfs", e))?;
+    let mut files = vec![rootfs::write_manifest(pending.pinned(), &survey.manifest)
+        .map_err(|e| Error::incomplete("the diff list", e))?];
+    let index = serde_json::to_vec(&written.index).map_err(|e| Error::incomplete("the layer index", e))?;
+    pending
+        .pinned()
+        .create(rootfs::INDEX)
+        .and_then(|mut f| f.write_all(&index))
+        .map_err(|e| Error::incomplete("the layer index", e))?;
+    files.push(FileEntry::new(rootfs::INDEX, index.len() as u64, &manifest::Digest::of(&index)));
+    let new_bytes = stream.new_bytes + precopied.as_ref().map_or(0, |p| p.new_bytes);
+    *meta.written_bytes.get_or_insert(0) += new_bytes;
+    meta.layer_files_read = Some(written.files_read);
+    meta.layer_files_reused = Some(written.files_reused);
+    meta.rootfs_archive_bytes = Some(stream.bytes);
+    meta.rootfs_files = survey.manifest.files;
+    meta.rootfs_bytes = survey.bytes;
+    files.push(FileEntry::chunked(rootfs::STREAM, stream.chunks));
+    tracing::info!(
+        files_read = written.files_read,
+        bytes_read = written.bytes_read,
+        files_reused = written.files_reused,
+        new_bytes,
+        "layer stored"
+    );
+    past_deadline(req, "the layer copy")?;
+    phases.end("rootfs", started);
+    Ok(files)
+}
+
 /// A file for the frozen copy of a layer of `bytes` in `freeze_staging_dir`
 /// (tmpfs by default: a memory-speed copy keeps the freeze short), if that
 /// is a private directory of ours with room to spare; else none (disk).
@@ -269,13 +463,25 @@ fn images(
     let images = &prepared.images;
     let mut files = vec![archive::copy_in(&prepared.work.join("dump.log"), pending, "dump.log")
         .map_err(|e| Error::incomplete("dump.log", e))?];
-    super::compat::record_cpuinfo(images);
+    super::boot::record_cpuinfo(req.target.config, images);
     meta.images_bytes = crate::util::fs::dir_bytes(images);
     if let Some(export) = req.export_images_to {
         archive::export_images(images, export).map_err(|e| Error::incomplete("handing the images to the caller", e))?;
     }
     let started = Instant::now();
-    if req.target.location.mode == Mode::NetworkFs {
+    if let Some(chunks) = &prepared.chunks {
+        match archive::copy_in(&images.join(archive::CPUINFO), pending, archive::CPUINFO) {
+            Ok(entry) => files.push(entry),
+            Err(e) => tracing::warn!(error = %e, "cpuinfo.img not kept beside the images"),
+        }
+        let parent = prepared.local.join(archive::PARENT_DIR);
+        meta.images_bytes += crate::util::fs::dir_bytes(&parent);
+        let (entries, new_bytes) =
+            archive::store_images(&prepared.local, chunks).map_err(|e| Error::incomplete("storing the images", e))?;
+        files.extend(entries);
+        *meta.written_bytes.get_or_insert(0) += new_bytes;
+        phases.end("store", started);
+    } else if req.target.location.mode == Mode::NetworkFs {
         match archive::copy_in(&images.join(archive::CPUINFO), pending, archive::CPUINFO) {
             Ok(entry) => files.push(entry),
             Err(e) => tracing::warn!(error = %e, "cpuinfo.img not kept beside the images archive"),
@@ -308,9 +514,15 @@ fn seal(
 ) -> Result<(), Error> {
     let (kernel, host, cpu) = metadata::host_facts();
     (meta.kernel, meta.host, meta.cpu_model) = (kernel, host, cpu);
-    meta.runc_version = req.target.runc.version();
-    meta.criu_version = metadata::tool_version("criu");
+    meta.runc_version = super::boot::runc_version(req.target.config, req.target.runc);
+    meta.criu_version = super::boot::criu_version(req.target.config);
     meta.phases_ms = phases.so_far().clone();
+    if prepared.chunks.is_some() {
+        (meta.format, meta.storage) = (metadata::FORMAT, Some(metadata::CHUNKS.into()));
+        // Its own files (the chunks were counted as they were stored).
+        let own: u64 = files.iter().filter(|f| f.chunks.is_none()).map(|f| f.size).sum();
+        *meta.written_bytes.get_or_insert(0) += own;
+    }
     let started = Instant::now();
     let meta_bytes = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     pending
@@ -352,12 +564,22 @@ fn publish(
     phases.end("publish", started);
     meta.phases_ms = phases.finish(config);
     record_trigger(config, &req.trigger, &gen.name);
+    if prepared_chunked_on_share(req) {
+        if let Some(cache) = config.chunk_cache() {
+            let _ = cache.trim();
+        }
+    }
     match store.prune(config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta })
+}
+
+/// Whether this take filled this machine's chunk cache (chunks on a network FS).
+fn prepared_chunked_on_share(req: &TakeRequest) -> bool {
+    req.target.location.mode == Mode::NetworkFs && req.target.config.checkpoint_storage == Storage::Chunks
 }
 
 /// A stop's checkpoint that ran out of time: its signal must go now.

@@ -52,7 +52,18 @@ pub(super) fn verify_with(gen: &Generation, key: Option<&FleetKey>) -> Result<Ve
 /// Checks every listed file against its digest (one full read): `archctl validate`.
 pub fn verify_all(gen: &Generation, config: &Config) -> Result<Verified, Error> {
     let verified = verify(gen, config)?;
+    let mut store = None;
     for entry in &verified.manifest.files {
+        if let Some(chunks) = &entry.chunks {
+            // Every chunk read from the store itself (not this machine's cache) and checked.
+            if store.is_none() {
+                store = Some(gen.chunks(None).map_err(|e| Error::io_at("the chunk store", e))?);
+            }
+            for chunk in chunks {
+                store.as_ref().expect("opened").read(chunk)?;
+            }
+            continue;
+        }
         let (dir, name) = listed_dir(gen, &entry.path)?;
         let (mut file, _) = dir.open(name)?;
         let (bytes, digest) = manifest::hash_file(&mut file).map_err(|e| Error::io_at(&entry.path, e))?;

@@ -85,6 +85,14 @@ pub const LEFTOVERS_REMOVED: Family = counter(
     "arch_leftovers_removed_total",
     "Scratch of killed checkpoints and restores removed, by kind (staging, restore, freeze, pending).",
 );
+pub const CHECKPOINT_WRITTEN_BYTES: Family = counter(
+    "arch_checkpoint_written_bytes_total",
+    "Bytes checkpoints wrote to their root: new chunks (compressed) and their own files; the rest was shared.",
+);
+pub const CHUNKS_REMOVED: Family =
+    counter("arch_chunks_removed_total", "Chunks no generation listed, removed by gc after their grace period.");
+pub const CHUNKS_SET_ASIDE: Family =
+    counter("arch_chunks_set_aside_total", "Chunks found missing their digest at restore, moved out of the store.");
 pub const PHASE_DURATION: Family =
     histogram("arch_phase_duration_seconds", "Duration of checkpoint and restore phases, by operation and phase.");
 pub const TRIGGERS: Family = counter(
@@ -125,6 +133,9 @@ pub const FAMILIES: &[Family] = &[
     MODULE_EVENTS,
     THAWS,
     LEFTOVERS_REMOVED,
+    CHECKPOINT_WRITTEN_BYTES,
+    CHUNKS_REMOVED,
+    CHUNKS_SET_ASIDE,
     PHASE_DURATION,
     TRIGGERS,
     TRIGGER_SKIPS,

@@ -26,9 +26,9 @@ use super::host::checkpoints::TakeFailure;
 use super::Decision;
 use crate::checkpoint::metadata::Metadata;
 use crate::metrics::{
-    Metrics, Value, CHECKPOINT_ATTEMPTS, CHECKPOINT_BYTES, CHECKPOINT_FAILURES, CHECKPOINT_SUCCESSES, FRESH_STARTS,
-    GENERATIONS_SKIPPED, QUARANTINES, REFUSED_KEYS, RESTORE_ATTEMPTS, RESTORE_FAILURES, RESTORE_FALLBACKS,
-    RESTORE_SUCCESSES, TRIGGER_FAILURES,
+    Metrics, Value, CHECKPOINT_ATTEMPTS, CHECKPOINT_BYTES, CHECKPOINT_FAILURES, CHECKPOINT_SUCCESSES,
+    CHECKPOINT_WRITTEN_BYTES, FRESH_STARTS, GENERATIONS_SKIPPED, QUARANTINES, REFUSED_KEYS, RESTORE_ATTEMPTS,
+    RESTORE_FAILURES, RESTORE_FALLBACKS, RESTORE_SUCCESSES, TRIGGER_FAILURES,
 };
 use crate::triggers::{Kind, Trigger};
 use std::collections::BTreeSet;
@@ -57,6 +57,7 @@ impl Outcomes {
                     (CHECKPOINT_SUCCESSES, &[], Value::Count(1)),
                     (CHECKPOINT_BYTES, &[("part", "images")], Value::Count(meta.images_bytes)),
                     (CHECKPOINT_BYTES, &[("part", "rootfs")], Value::Count(rootfs)),
+                    (CHECKPOINT_WRITTEN_BYTES, &[], Value::Count(meta.written_bytes.unwrap_or(meta.total_bytes()))),
                 ]);
             }
             Err(e) => {
