@@ -254,10 +254,7 @@ impl ChunkStore {
             for batch in chunks.chunks(window) {
                 let read: Vec<_> = std::thread::scope(|scope| {
                     let handles: Vec<_> = batch.iter().map(|c| scope.spawn(|| store.read(c))).collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(ChunkError::Missing(Digest([0; 32])))))
-                        .collect()
+                    handles.into_iter().map(|h| h.join().unwrap_or(Err(ChunkError::Missing(Digest([0; 32]))))).collect()
                 });
                 for result in read {
                     let stop = result.is_err();
@@ -445,6 +442,9 @@ struct Job {
     data: Vec<u8>,
 }
 
+/// What a worker of a [`ChunkWriter`] stored: (position, chunk) pairs, new chunks, new bytes.
+type Stored = io::Result<(Vec<(usize, ChunkRef)>, u64, u64)>;
+
 /// Cuts what it is written into content-defined chunks and stores each on a
 /// worker thread (digest, compression, write), in the order written.
 pub struct ChunkWriter {
@@ -453,7 +453,7 @@ pub struct ChunkWriter {
     bytes: u64,
     spliced: Vec<(usize, ChunkRef)>,
     tx: Option<SyncSender<Job>>,
-    workers: Vec<JoinHandle<io::Result<(Vec<(usize, ChunkRef)>, u64, u64)>>>,
+    workers: Vec<JoinHandle<Stored>>,
 }
 
 impl ChunkWriter {
