@@ -727,8 +727,10 @@ mod tests {
         archive.unpack(dest).unwrap();
     }
 
-    /// Every entry as `tar` reads it: path, type, device numbers.
-    fn entries(stream: &[u8]) -> Vec<(PathBuf, EntryType, Option<(u32, u32)>)> {
+    /// An entry as `tar` reads it: path, type, device numbers.
+    type Listed = (PathBuf, EntryType, Option<(u32, u32)>);
+
+    fn entries(stream: &[u8]) -> Vec<Listed> {
         let mut archive = tar::Archive::new(stream);
         let entries = archive.entries().unwrap();
         entries
