@@ -1,5 +1,5 @@
 # bench-lib.sh: what the checkpoint benchmarks share. Sourced (not run) by
-# bench-checkpoint.sh and bench-spot.sh, after `set -euo pipefail`, with
+# bench-checkpoint.sh, bench-spot.sh and bench-incremental.sh, after `set -euo pipefail`, with
 # $repo set to the repository. Needs root.
 #
 #   bench_init PREFIX    binaries ($bin, or $ARCH_BIN_DIR), $runc, a work

@@ -9,7 +9,7 @@ mod support;
 
 use arch::checkpoint::key::{self, Location};
 use arch::checkpoint::{self, metadata::Metadata, Error, RestoreRequest, TakeRequest, Taken, Target};
-use arch::config::{Config, Mode};
+use arch::config::{Config, Mode, Storage};
 use arch::runc::Runc;
 use arch::triggers::{Kind, Trigger};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,12 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Files storage: the tests below look at the generation's files themselves.
     fn new(mode: Mode) -> Fixture {
+        Fixture::with(mode, Storage::Files)
+    }
+
+    fn with(mode: Mode, storage: Storage) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let config = Config {
@@ -35,6 +40,8 @@ impl Fixture {
             checkpoint_dir: d.join("checkpoints"),
             network_fs_dir: d.join("netfs"),
             freeze_staging_dir: d.join("shm"),
+            checkpoint_storage: storage,
+            chunk_cache_dir: Some(d.join("chunk-cache")),
             ..Default::default()
         };
         std::fs::create_dir_all(&config.network_fs_dir).unwrap();
@@ -412,6 +419,108 @@ fn a_stop_deadline_abandons_the_checkpoint_and_thaws() {
     assert_eq!(f.arch_entries(), ["generations"]);
 }
 
+/// The generation's `manifest.json` as JSON.
+fn manifest(f: &Fixture, name: &str) -> serde_json::Value {
+    let path = f.arch_dir().join("generations").join(name).join("manifest.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn chunks_storage_publishes_chunk_lists_and_restores_from_them() {
+    for mode in [Mode::Basic, Mode::NetworkFs] {
+        let f = Fixture::with(mode, Storage::Chunks);
+        let first = f.take();
+        let name = first.generation.name.clone();
+        let published = f.arch_dir().join("generations").join(&name);
+        assert!(!published.join("images").exists() && !published.join("images.tar.zst").exists());
+        assert_eq!(f.arch_entries(), ["chunks", "generations"], "{mode:?}");
+        let meta = &first.metadata;
+        assert!(meta.chunked() && meta.format == 4, "{meta:?}");
+        assert!(meta.phases_ms.contains_key("store"), "{:?}", meta.phases_ms);
+        let listed = manifest(&f, &name);
+        let pages = listed["files"].as_array().unwrap().iter().find(|e| e["path"] == "images/pages-1.img").unwrap();
+        assert!(!pages["chunks"].as_array().unwrap().is_empty(), "{pages}");
+        // The staging of the dump is gone before the flush.
+        let staging = f.config.state_dir.join("staging");
+        assert_eq!(std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0), 0);
+        let gen = checkpoint::store::Store::new(&f.location).generation(&name).unwrap();
+        checkpoint::verify_all(&gen, &f.config).unwrap_or_else(|e| panic!("verify_all: {e}"));
+
+        // The fake CRIU writes the same images again: the second generation shares them all.
+        let second = f.take();
+        let written = second.metadata.written_bytes.unwrap();
+        assert!(written < first.metadata.written_bytes.unwrap(), "{written} vs {:?}", first.metadata.written_bytes);
+        assert_eq!(f.restore(&second.generation.name).unwrap(), 0, "{mode:?}");
+        assert_eq!(f.restored(), "dump 2");
+        let restore_log = std::fs::read_to_string(f.path("calls")).unwrap();
+        assert!(restore_log.contains(" restore --detach --image-path "), "{restore_log}");
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_fails_its_generations_and_is_set_aside() {
+    let mut f = Fixture::with(Mode::Basic, Storage::Chunks);
+    f.config.keep_generations = 3;
+    let older = f.take().generation.name;
+    let newer = f.take().generation.name;
+    // A chunk of the images that both generations list.
+    let listed = manifest(&f, &newer);
+    let pages = listed["files"].as_array().unwrap().iter().find(|e| e["path"] == "images/pages-1.img").unwrap();
+    let digest = pages["chunks"][0]["blake3"].as_str().unwrap().to_owned();
+    let chunk = f.arch_dir().join("chunks").join(&digest[..2]).join(&digest);
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+
+    assert_eq!(restore_newest_that_works(&f), None, "both list the bad chunk");
+    let quarantined = f.arch_dir().join("quarantine");
+    assert!(quarantined.join(&newer).is_dir() && quarantined.join(&older).is_dir());
+    assert!(f.arch_dir().join("chunks-bad").join(&digest).is_file(), "set aside");
+    assert!(!chunk.exists());
+    // The next checkpoint writes it again rather than trusting it.
+    let fresh = f.take().generation.name;
+    assert!(chunk.is_file());
+    assert_eq!(restore_newest_that_works(&f).as_deref(), Some(fresh.as_str()));
+}
+
+#[test]
+fn gc_sweeps_only_unlisted_chunks_older_than_the_grace_period() {
+    let mut f = Fixture::with(Mode::Basic, Storage::Chunks);
+    f.config.keep_generations = 1;
+    let first = f.take();
+    // The fake CRIU's `dump <n>` image differs: one new chunk; the first generation is pruned.
+    let second = f.take();
+    let count = || walk(&f.arch_dir().join("chunks")).len();
+    let before = count();
+    let grace = |secs| Config { chunk_gc_grace_secs: secs, ..f.config.clone() };
+    let young = checkpoint::catalog::collect_chunks(&f.location, &grace(3600), false).unwrap().unwrap();
+    assert_eq!(young.removed, 0, "nothing older than an hour");
+    let swept = checkpoint::catalog::collect_chunks(&f.location, &grace(0), false).unwrap().unwrap();
+    assert!(swept.removed >= 1, "the pruned generation's own chunk goes: {swept:?}");
+    assert_eq!(count(), before - swept.removed as usize);
+    let gen = checkpoint::store::Store::new(&f.location).generation(&second.generation.name).unwrap();
+    checkpoint::verify_all(&gen, &f.config).unwrap_or_else(|e| panic!("after gc: {e}"));
+    assert_eq!(f.restore(&second.generation.name).unwrap(), 0);
+    // Busy: a key whose lock is held is skipped.
+    let _lock = checkpoint::store::Store::new(&f.location).lock().unwrap();
+    assert!(checkpoint::catalog::collect_chunks(&f.location, &grace(0), false).unwrap().is_none());
+    drop(first);
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
 /// What `checkpoint::boot` stamps a tool with (device, inode, mtime, size of
 /// the binary on PATH; empty if there is none), so that a fact cached for it holds.
 fn tool_stamp(tool: &str) -> String {
@@ -426,8 +535,7 @@ fn tool_stamp(tool: &str) -> String {
 
 #[test]
 fn a_periodic_checkpoint_pre_dumps_where_dirty_pages_are_tracked_and_restores_with_the_parent() {
-    let mut f = Fixture::new(Mode::Basic);
-    f.config.checkpoint_storage = arch::config::Storage::Chunks;
+    let mut f = Fixture::with(Mode::Basic, Storage::Chunks);
     // This boot's facts say the kernel tracks dirty pages (as `criu check` would have).
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_owned();
     let facts = serde_json::json!({

@@ -70,7 +70,9 @@ fn assert_arch_checkpoint(s: &Setup, args: &[String]) {
     let (_, proc) =
         &calls[before..].iter().find(|(a, _)| a.contains(&"checkpoint".to_string())).expect("runc checkpoint ran");
     let image = proc.lines().find_map(|l| l.strip_prefix("image ")).expect("an --image-path");
-    assert!(image.starts_with(s.inst.path("checkpoints").to_str().unwrap()), "{image}");
+    // Chunks storage: CRIU writes to ARCH's local staging, whence the images are stored.
+    let staging = s.inst.path("state").join("staging");
+    assert!(image.starts_with(staging.to_str().unwrap()), "{image}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().all(|l| l.starts_with("runc stdout: ")), "only runc's own output: {stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -67,6 +67,23 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(out)))
 }
 
+/// A chunk of the key's store that generation `of` lists and `not_of` does not.
+fn unique_chunk(key_dir: &Path, of: &str, not_of: &str) -> std::path::PathBuf {
+    let chunks = |gen: &str| -> std::collections::BTreeSet<String> {
+        let path = key_dir.join(".arch/generations").join(gen).join("manifest.json");
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        manifest["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|f| f["chunks"].as_array().cloned().unwrap_or_default())
+            .map(|c| c["blake3"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let digest = chunks(of).difference(&chunks(not_of)).next().cloned().expect("a chunk of its own");
+    key_dir.join(".arch/chunks").join(&digest[..2]).join(digest)
+}
+
 /// Flips bytes in the middle of a file, keeping its size.
 fn corrupt_in_place(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
@@ -126,7 +143,7 @@ fn every_command_on_real_checkpoints() {
     assert_eq!(checked.as_array().unwrap().len(), 2);
     let gens = generations(&key_dir);
     let older = key_dir.join(".arch/generations").join(&gens[0]);
-    corrupt_in_place(&older.join("rootfs-diff.tar.zst"));
+    corrupt_in_place(&unique_chunk(&key_dir, &gens[0], &gens[1]));
     let bad = archctl(inst, &["validate", &key]);
     assert_eq!(bad.status.code(), Some(4), "{}", stderr(&bad));
     assert!(stdout(&bad).contains("INVALID"), "{}", stdout(&bad));

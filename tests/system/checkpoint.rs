@@ -57,7 +57,8 @@ fn counter_layer_and_open_file_survive_checkpoint_kill_and_rerun() {
     )
     .unwrap();
     // "publish" is timed after metadata.json is written: it is in the log line.
-    for phase in ["dump", "rootfs_copy", "rootfs", "freeze"] {
+    // Chunks storage: the layer stored before the freeze, then what changed while frozen.
+    for phase in ["dump", "rootfs_precopy", "rootfs", "freeze", "store"] {
         assert!(meta["phases_ms"][phase].is_u64(), "{phase} timed: {meta}");
     }
     assert!(meta["criu_version"].as_str().unwrap().starts_with('4'));
@@ -105,9 +106,10 @@ fn migration_between_two_containerds_over_a_network_fs_root() {
     let gen = checkpoint(&a, "worker", false, &key_dir);
     let gen_dir = key_dir.join(".arch/generations").join(&gen);
     assert!(
-        gen_dir.join("images.tar.zst").is_file() && !gen_dir.join("images").exists(),
-        "one archive, not CRIU's files"
+        !gen_dir.join("images.tar.zst").exists() && !gen_dir.join("images").exists(),
+        "the images are chunks of the key's store, not files of the generation"
     );
+    assert!(key_dir.join(".arch/chunks").is_dir());
     assert!(gen_dir.join("cpuinfo.img").is_file(), "the CPU record stays checkable without unpacking");
     remove(&a, "worker");
     drop(a);
@@ -124,7 +126,8 @@ fn corrupt_generations_fall_back_to_older_ones_then_to_a_fresh_start() {
     if !ready_for_checkpoints() {
         return;
     }
-    let ctd = Containerd::start("arch-ck-corrupt");
+    // Files storage: this damages the layer's archive (a damaged chunk: tests/system/chunks.rs).
+    let ctd = Containerd::start_with("arch-ck-corrupt", files_storage());
     let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
     start_counter(&ctd, "job", &[]);
     let older = checkpoint(&ctd, "job", false, &key_dir);
@@ -264,7 +267,7 @@ fn a_layer_archive_corrupted_in_place_is_caught_while_unpacking() {
     if !ready_for_checkpoints() {
         return;
     }
-    let ctd = Containerd::start("arch-ck-bitrot");
+    let ctd = Containerd::start_with("arch-ck-bitrot", files_storage());
     let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
     start_counter(&ctd, "job", &[]);
     exec(&ctd, "job", "head -c 1048576 /dev/urandom > /data/noise");
@@ -284,6 +287,11 @@ fn a_layer_archive_corrupted_in_place_is_caught_while_unpacking() {
     assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(older.as_str()));
     assert!(key_dir.join(".arch/quarantine").join(&newer).is_dir(), "the corrupt one is set aside");
     remove(&ctd, "job");
+}
+
+/// An instance that keeps each generation whole (`checkpoint_storage: files`).
+fn files_storage() -> Instance {
+    Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "checkpoint_storage": "files" }))
 }
 
 /// A bundle runc can create (busybox, `runc spec`, sleeping), ARCH-enabled.
@@ -321,7 +329,8 @@ fn duplicate_and_other_root_creates_leave_the_live_container_alone() {
     if !ready_for_checkpoints() {
         return;
     }
-    let ctd = Containerd::start("arch-ck-records");
+    // Files storage: the layer's archive is listed with tar below.
+    let ctd = Containerd::start_with("arch-ck-records", files_storage());
     let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
     start_counter(&ctd, "job", &[]);
     exec(&ctd, "job", "echo kept > /data/written.txt");

@@ -24,9 +24,12 @@ fn shared_root() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("arch-shared-root").tempdir().unwrap()
 }
 
-/// An ARCH instance whose default mode is Network FS on `shared` (plus `extra` config).
+/// An ARCH instance whose default mode is Network FS on `shared` (plus `extra` config),
+/// with files storage: these tests plant hostile archives and image files (hostile
+/// chunks: host/src/checkpoint/chunks.rs's tests and tests/system/chunks.rs).
 fn on_shared_root(shared: &tempfile::TempDir, extra: serde_json::Value) -> Instance {
-    let mut config = serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path() });
+    let mut config =
+        serde_json::json!({ "mode": "network-fs", "network_fs_dir": shared.path(), "checkpoint_storage": "files" });
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
@@ -208,7 +211,10 @@ fn flipped_bytes_in_memory_images_are_never_restored() {
         return;
     }
     // Basic mode: CRIU's images stay files, each listed with its digest.
-    let ctd = Containerd::start("arch-untrusted-flip");
+    let ctd = Containerd::start_with(
+        "arch-untrusted-flip",
+        Instance::with(Path::new("/usr/sbin/runc"), serde_json::json!({ "checkpoint_storage": "files" })),
+    );
     let key_dir = ctd.inst.path("checkpoints").join(&ctd.ns).join("job");
     start_counter(&ctd, "job", &[]);
     let older = checkpoint(&ctd, "job", false, &key_dir);

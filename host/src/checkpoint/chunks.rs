@@ -450,9 +450,13 @@ struct Job {
     data: Vec<u8>,
 }
 
-/// What a worker of a [`ChunkWriter`] did: the chunks it stored (with their
-/// places in the stream), and how many of them were new and what they took.
-type Stored = io::Result<(Vec<(usize, ChunkRef)>, u64, u64)>;
+/// What one worker stored: its chunks by index, and the new ones' count and bytes.
+#[derive(Default)]
+struct Stored {
+    done: Vec<(usize, ChunkRef)>,
+    new_chunks: u64,
+    new_bytes: u64,
+}
 
 /// Cuts what it is written into content-defined chunks and stores each on a
 /// worker thread (digest, compression, write), in the order written.
@@ -462,7 +466,7 @@ pub struct ChunkWriter {
     bytes: u64,
     spliced: Vec<(usize, ChunkRef)>,
     tx: Option<SyncSender<Job>>,
-    workers: Vec<JoinHandle<Stored>>,
+    workers: Vec<JoinHandle<io::Result<Stored>>>,
 }
 
 impl ChunkWriter {
@@ -476,22 +480,22 @@ impl ChunkWriter {
             .map(|_| {
                 let (store, rx, claimed) = (store.clone(), rx.clone(), claimed.clone());
                 std::thread::spawn(move || {
-                    let (mut done, mut new_chunks, mut new_bytes) = (Vec::new(), 0, 0);
+                    let mut stored = Stored::default();
                     loop {
                         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok(Job { index, data }) = job else { break };
                         let digest = Digest::from(blake3::hash(&data));
                         let first = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(digest);
                         if first {
-                            let stored = store.put(&digest, &data)?;
-                            if stored > 0 {
-                                new_chunks += 1;
-                                new_bytes += stored;
+                            let bytes = store.put(&digest, &data)?;
+                            if bytes > 0 {
+                                stored.new_chunks += 1;
+                                stored.new_bytes += bytes;
                             }
                         }
-                        done.push((index, ChunkRef { blake3: digest, size: data.len() as u64 }));
+                        stored.done.push((index, ChunkRef { blake3: digest, size: data.len() as u64 }));
                     }
-                    Ok((done, new_chunks, new_bytes))
+                    Ok(stored)
                 })
             })
             .collect();
@@ -540,10 +544,10 @@ impl ChunkWriter {
         let mut first_error = None;
         for worker in self.workers.drain(..) {
             match worker.join() {
-                Ok(Ok((done, chunks, bytes))) => {
-                    written.new_chunks += chunks;
-                    written.new_bytes += bytes;
-                    for (i, chunk) in done {
+                Ok(Ok(stored)) => {
+                    written.new_chunks += stored.new_chunks;
+                    written.new_bytes += stored.new_bytes;
+                    for (i, chunk) in stored.done {
                         slots[i] = Some(chunk);
                     }
                 }

@@ -115,14 +115,29 @@ pub struct Written {
 /// reads only what changed since. A file that changed while the pre-copy read
 /// it (or too shortly before, see `RACY`) is left out of its index, so the
 /// frozen pass reads it again.
+///
+/// `running`: the container goes on running after this stream (a pre-copy,
+/// or any `--leave-running` checkpoint). Each file read is then written back
+/// first, so that a later write through a shared mapping (which stamps mtime
+/// only when it faults on a clean page) shows in its mtime and the next
+/// generation does not reuse stale chunks. A stopped container's files are
+/// new inodes wherever it is restored: nothing of its index is reused then.
+///
+/// Files smaller than [`SPLICE_MIN`] are always read and never indexed: on
+/// chunk edges of their own they would each be a chunk file or two.
 pub fn write(
     upper: &Path,
     survey: &Survey,
     previous: Option<Previous<'_>>,
+    running: bool,
     sink: &mut impl ChunkSink,
 ) -> io::Result<Written> {
-    write_with(upper, survey, previous, sink, &mut |_| {})
+    write_with(upper, survey, previous, running, sink, &mut |_| {})
 }
+
+/// The smallest file whose content goes on chunk edges of its own (and can
+/// be taken from the previous generation unread). The unit tests splice every file.
+pub const SPLICE_MIN: u64 = if cfg!(test) { 1 } else { 64 << 10 };
 
 /// [`write`], calling `after_header` with a file's path between its header
 /// (size fixed) and the read of its content: tests change files there.
@@ -130,6 +145,7 @@ fn write_with<S: ChunkSink>(
     upper: &Path,
     survey: &Survey,
     previous: Option<Previous<'_>>,
+    running: bool,
     sink: &mut S,
     after_header: &mut dyn FnMut(&Path),
 ) -> io::Result<Written> {
@@ -144,6 +160,7 @@ fn write_with<S: ChunkSink>(
         buf: vec![0; READ_BUF],
         written: Written::default(),
         after_header,
+        running,
     };
     for rel in survey.files() {
         writer.entry(rel)?;
@@ -166,6 +183,7 @@ struct Writer<'a, 'h, S> {
     buf: Vec<u8>,
     written: Written,
     after_header: &'h mut dyn FnMut(&Path),
+    running: bool,
 }
 
 /// The parent directories of the entries, opened beneath the upperdir
@@ -358,11 +376,13 @@ impl<'a, S: ChunkSink> Writer<'a, '_, S> {
         };
         // Writes through a shared mapping stamp mtime only when they fault on
         // a clean page: written back now, the next such write will show.
-        // SAFETY: sync_file_range on an open fd; a failure (say, a filesystem without writeback) is harmless.
-        unsafe {
-            let flags =
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            libc::sync_file_range(file.as_raw_fd(), 0, 0, flags);
+        if self.running && lstat.len() >= SPLICE_MIN {
+            // SAFETY: sync_file_range on an open fd; a failure (say, a filesystem without writeback) is harmless.
+            unsafe {
+                let flags =
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, flags);
+            }
         }
         let before = file.metadata()?;
         if !before.is_file() || (before.dev(), before.ino()) != (lstat.dev(), lstat.ino()) {
@@ -374,10 +394,15 @@ impl<'a, S: ChunkSink> Writer<'a, '_, S> {
         let entry = Entry { kind: EntryType::Regular, name, link: None, owner: (&before).into(), size, device: None };
         put_header(self.sink, &entry, &xattrs)?;
         (self.after_header)(path);
-        self.sink.boundary()?;
+        let spliceable = size >= SPLICE_MIN;
+        if spliceable {
+            self.sink.boundary()?;
+        }
         let first = self.sink.position() - self.base;
         let read = copy_exactly(&mut file, size, &mut self.buf, self.sink)?;
-        self.sink.boundary()?;
+        if spliceable {
+            self.sink.boundary()?;
+        }
         let count = self.sink.position() - self.base - first;
         pad(self.sink, size)?;
         self.written.files_read += 1;
@@ -389,7 +414,7 @@ impl<'a, S: ChunkSink> Writer<'a, '_, S> {
             && (after.ctime(), after.ctime_nsec()) == (before.ctime(), before.ctime_nsec());
         let now = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
         let settled = nanos(stamp(before.ctime(), before.ctime_nsec())) < now - RACY.as_nanos() as i128;
-        if stable && settled {
+        if stable && settled && spliceable {
             self.index(utf8, &before, first, count);
         }
         Ok(true)
@@ -710,7 +735,7 @@ mod tests {
     fn take(upper: &Path, previous: Option<(&Written, &[ChunkRef])>, sink: &mut MemSink) -> (Written, Vec<ChunkRef>) {
         let survey = survey(upper).unwrap();
         let previous = previous.map(|(w, chunks)| Previous { index: &w.index, chunks });
-        let written = write(upper, &survey, previous, sink).unwrap();
+        let written = write(upper, &survey, previous, true, sink).unwrap();
         let chunks = sink.finish();
         assert_eq!(written.chunks, 0..chunks.len());
         (written, chunks)
@@ -728,10 +753,9 @@ mod tests {
     }
 
     /// An entry as `tar` reads it: path, type, device numbers.
-    type TarEntry = (PathBuf, EntryType, Option<(u32, u32)>);
+    type Listed = (PathBuf, EntryType, Option<(u32, u32)>);
 
-    /// Every entry as `tar` reads it.
-    fn entries(stream: &[u8]) -> Vec<TarEntry> {
+    fn entries(stream: &[u8]) -> Vec<Listed> {
         let mut archive = tar::Archive::new(stream);
         let entries = archive.entries().unwrap();
         entries
@@ -927,13 +951,13 @@ mod tests {
         settle();
         // Both passes go into one sink, one stream after the other.
         let mut sink = MemSink::default();
-        let pre = write(upper.path(), &survey(upper.path()).unwrap(), None, &mut sink).unwrap();
+        let pre = write(upper.path(), &survey(upper.path()).unwrap(), None, true, &mut sink).unwrap();
         let pre_chunks = sink.chunks[pre.chunks.clone()].to_vec();
         std::fs::write(upper.path().join("d/a.txt"), "changed while running").unwrap();
         std::fs::write(upper.path().join("new"), "made while running").unwrap();
         std::fs::remove_file(upper.path().join("suid")).unwrap();
         let previous = Previous { index: &pre.index, chunks: &pre_chunks };
-        let frozen = write(upper.path(), &survey(upper.path()).unwrap(), Some(previous), &mut sink).unwrap();
+        let frozen = write(upper.path(), &survey(upper.path()).unwrap(), Some(previous), true, &mut sink).unwrap();
         assert_eq!(frozen.chunks.start, pre.chunks.end);
         assert_eq!(frozen.files_read, 2);
         assert_eq!(frozen.bytes_read, 21 + 18);
@@ -970,7 +994,7 @@ mod tests {
             Some("shrink") => File::options().write(true).open(path).unwrap().set_len(1000).unwrap(),
             _ => {}
         };
-        let written = write_with(upper.path(), &survey, None, &mut sink, &mut resize).unwrap();
+        let written = write_with(upper.path(), &survey, None, true, &mut sink, &mut resize).unwrap();
         let chunks = sink.finish();
         let stream = sink.bytes(&chunks);
         let dest = tempfile::tempdir().unwrap();
@@ -1006,7 +1030,7 @@ mod tests {
         std::fs::remove_file(p("gone")).unwrap();
         std::fs::remove_dir_all(p("dir")).unwrap();
         let mut sink = MemSink::default();
-        write(upper.path(), &survey, None, &mut sink).unwrap();
+        write(upper.path(), &survey, None, true, &mut sink).unwrap();
         let chunks = sink.finish();
         let stream = sink.bytes(&chunks);
         let names: Vec<PathBuf> = entries(&stream).into_iter().map(|(p, _, _)| p).collect();
@@ -1026,7 +1050,7 @@ mod tests {
         std::fs::rename(upper.path().join("d"), upper.path().join("d.old")).unwrap();
         symlink(outside.path(), upper.path().join("d")).unwrap();
         let mut sink = MemSink::default();
-        write(upper.path(), &survey, None, &mut sink).unwrap();
+        write(upper.path(), &survey, None, true, &mut sink).unwrap();
         let chunks = sink.finish();
         let stream = sink.bytes(&chunks);
         assert!(!stream.windows(9).any(|w| w == b"TOPSECRET"));

@@ -328,15 +328,7 @@ pub fn apply(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let helper = Command::new("/proc/self/exe")
-        .arg0(HELPER_ARGV0)
-        .arg(rootfs)
-        .arg(&checked)
-        .arg(limit.to_string())
-        .stdin(zstd.stdout.take().expect("piped"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
+    let helper = helper_command(rootfs, &checked, limit).stdin(zstd.stdout.take().expect("piped")).output()?;
     // The helper's own refusal (a bad entry, more than recorded) says why;
     // zstd's broken pipe would only follow from it.
     anyhow::ensure!(
@@ -348,6 +340,15 @@ pub fn apply(
     // must fail the restore even if the tar stream happened to end cleanly.
     finish_zstd(zstd).context("the rootfs diff is corrupt")?;
     Ok(())
+}
+
+/// The unpack helper ([`helper_main`]) for `rootfs`, with the checked diff
+/// list and the most its tar stream may hold; the caller gives it its stdin.
+fn helper_command(rootfs: &Path, checked: &Path, limit: u64) -> Command {
+    let mut helper = Command::new("/proc/self/exe");
+    helper.arg0(HELPER_ARGV0).arg(rootfs).arg(checked).arg(limit.to_string());
+    helper.stdout(Stdio::null()).stderr(Stdio::piped());
+    helper
 }
 
 /// Checks the diff list whole and gives the helper a private copy of it, if the disk has room for the layer.
@@ -373,15 +374,7 @@ pub fn apply_stream(
     limit: u64,
 ) -> anyhow::Result<()> {
     let checked = check_diff_list(diff_list, rootfs, scratch, content)?;
-    let mut helper = Command::new("/proc/self/exe")
-        .arg0(HELPER_ARGV0)
-        .arg(rootfs)
-        .arg(&checked)
-        .arg(limit.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut helper = helper_command(rootfs, &checked, limit).stdin(Stdio::piped()).spawn()?;
     let mut stdin = helper.stdin.take().expect("piped");
     let fed = std::io::copy(stream, &mut stdin);
     if let Err(e) = fed {

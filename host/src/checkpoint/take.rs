@@ -209,7 +209,7 @@ fn precopy_layer(req: &TakeRequest, prepared: &Prepared) -> Result<Option<Precop
     let survey = rootfs::survey(&upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
     let previous = prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks });
     let mut sink = chunks.writer(super::chunks::threads());
-    let written = layer::write(&upper, &survey, previous, &mut sink)
+    let written = layer::write(&upper, &survey, previous, true, &mut sink)
         .map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
     let stream = sink.finish().map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
     Ok(Some(Precopied {
@@ -388,6 +388,9 @@ fn capture_layer_chunks(
     };
     let Some(upper) = upper else {
         frozen.thaw();
+        if req.leave_running {
+            phases.end_from_start("freeze");
+        }
         tracing::warn!(id = req.target.id, "no overlay upperdir at the bundle's rootfs: only memory is checkpointed");
         return Ok(Vec::new());
     };
@@ -397,7 +400,7 @@ fn capture_layer_chunks(
         None => prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks }),
     };
     let mut sink = chunks.writer(super::chunks::threads());
-    let written = layer::write(&upper, &survey, previous, &mut sink);
+    let written = layer::write(&upper, &survey, previous, req.leave_running, &mut sink);
     let stream = written.and_then(|w| Ok((w, sink.finish()?)));
     // The end of the frozen window.
     frozen.thaw();
