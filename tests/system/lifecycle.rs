@@ -225,7 +225,13 @@ fn watch_thaws_what_a_killed_checkpoint_left_frozen_never_what_someone_paused() 
     if !ready_for_checkpoints() {
         return;
     }
-    let ctd = Containerd::start("thaw");
+    // Files storage: its frozen window lasts past the dump (the layer is copied
+    // while frozen), so a kill lands after CRIU is done. With chunks storage the
+    // window is about the dump alone, and a kill during it leaves CRIU to finish
+    // and resume the container itself (watch then only removes the marker).
+    let inst =
+        Instance::with(std::path::Path::new("/usr/sbin/runc"), serde_json::json!({ "checkpoint_storage": "files" }));
+    let ctd = Containerd::start_with("thaw", inst);
     let _watch = Watch::start(&ctd);
     start_armed(&ctd, "frozen", &[], JOB);
     start_armed(&ctd, "paused", &[], JOB);
