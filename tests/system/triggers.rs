@@ -173,7 +173,18 @@ fn past_the_stop_deadline_the_signal_goes_and_the_last_good_checkpoint_stays() {
     ctd.ok(&["task", "kill", "-s", "TERM", "job"]);
     let answered = asked.elapsed();
     assert_eq!(exit_status(&ctd, "job"), 143, "the signal went and the job handled it");
-    assert!(answered < Duration::from_secs(6), "kill answered after {answered:?} with a 1.5 s deadline");
+    // That the dump was cut is asserted below (the log, nothing published); this
+    // bound leaves room for what follows the deadline (killing CRIU, thawing,
+    // removing its scratch) on a loaded CI machine.
+    let said = || -> Vec<String> {
+        let log = ctd.inst.log();
+        log.iter().filter(|r| r["target"] != "arch::invocation").map(|r| format!("{} {}", r["timestamp"], r)).collect()
+    };
+    assert!(
+        answered < Duration::from_secs(10),
+        "kill answered after {answered:?} with a 1.5 s deadline: {:#?}",
+        said()
+    );
     assert_eq!(generations(&dir), vec![good], "nothing new published, the last good one intact");
     let log = ctd.inst.log();
     assert!(
