@@ -340,6 +340,14 @@ mod tests {
         );
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        // A process another test thread forked while the script was open for
+        // writing holds it until it execs: running it then fails with ETXTBSY.
+        for _ in 0..100 {
+            match Command::new(&path).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => std::thread::sleep(Duration::from_millis(10)),
+                _ => break,
+            }
+        }
         Runc::at(path)
     }
 

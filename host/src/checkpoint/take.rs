@@ -74,8 +74,10 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     let mut prepared = prepare(req, store, pending)?;
     let predumped = predump(req, &prepared)?;
     let precopied = precopy_layer(req, &prepared)?;
-    // A stop's deadline counts the pre-dump and the pre-copy too.
-    past_deadline(req, "the layer pre-copy")?;
+    if precopied.is_some() {
+        // A stop's deadline counts the pre-copy too.
+        past_deadline(req, "the layer pre-copy")?;
+    }
     let (mut meta, mut phases, frozen) = dump(req, pending, &prepared, predumped.is_some())?;
     if let Some(ms) = predumped {
         phases.insert("predump", ms);
