@@ -236,13 +236,17 @@ impl Config {
         serde_json::from_slice(bytes)
     }
 
-    /// The checkpoint root for `mode`.
-    /// This machine's chunk cache, if there is one.
-    pub fn chunk_cache(&self) -> Option<crate::checkpoint::chunks::Cache> {
+    /// This machine's chunk cache for a root of `mode`: Network FS only (a
+    /// Basic mode root is a local disk already), and none if it is off.
+    pub fn chunk_cache(&self, mode: Mode) -> Option<crate::checkpoint::chunks::Cache> {
+        if mode != Mode::NetworkFs {
+            return None;
+        }
         let dir = self.chunk_cache_dir.clone().unwrap_or_else(|| self.cache_dir.join("chunks"));
         crate::checkpoint::chunks::Cache::open(&dir, self.chunk_cache_bytes)
     }
 
+    /// The checkpoint root for `mode`.
     pub fn checkpoint_root(&self, mode: Mode) -> &Path {
         match mode {
             Mode::Basic => &self.checkpoint_dir,

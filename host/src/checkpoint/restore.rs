@@ -62,7 +62,7 @@ pub fn restore(req: &RestoreRequest, name: &str) -> Result<i32, Error> {
     phases.end_from_start("validate");
     let chunks = match meta.chunked() {
         true => {
-            let cache = (location.mode == crate::config::Mode::NetworkFs).then(|| config.chunk_cache()).flatten();
+            let cache = config.chunk_cache(location.mode);
             Some(Arc::new(gen.chunks(cache).map_err(|e| Error::io_at("the chunk store", e))?))
         }
         false => None,

@@ -96,7 +96,12 @@ fn take_into(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<T
     // none of their pages to write (staging may share the root's disk).
     prepared._staging.remove_now();
     seal(req, pending, &prepared, files, &mut meta, &mut phases)?;
-    publish(req, store, pending, meta, phases)
+    let taken = publish(req, store, pending, meta, phases)?;
+    // The cache this take filled (Network FS mode), back within its bound.
+    if let Some(chunks) = &prepared.chunks {
+        chunks.trim_cache();
+    }
+    Ok(taken)
 }
 
 /// Where CRIU writes, and what the dump uses.
@@ -133,7 +138,7 @@ fn prepare(req: &TakeRequest, store: &Store, pending: &Generation) -> Result<Pre
     }
     let staging = Scratch((local != pending.dir).then(|| local.clone()));
     let (chunks, previous) = if chunked {
-        let cache = (req.target.location.mode == Mode::NetworkFs).then(|| config.chunk_cache()).flatten();
+        let cache = config.chunk_cache(req.target.location.mode);
         let chunks = store.chunks(true, cache).map_err(|e| Error::io_at("the chunk store", e))?.map(Arc::new);
         (chunks, previous_layer(store, fleet_key.as_ref()))
     } else {
@@ -571,22 +576,12 @@ fn publish(
     phases.end("publish", started);
     meta.phases_ms = phases.finish(config);
     record_trigger(config, &req.trigger, &gen.name);
-    if prepared_chunked_on_share(req) {
-        if let Some(cache) = config.chunk_cache() {
-            let _ = cache.trim();
-        }
-    }
     match store.prune(config.keep_generations) {
         Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "older generations removed"),
         Err(e) => tracing::warn!(error = %e, "pruning old generations"),
         _ => {}
     }
     Ok(Taken { generation: gen, metadata: meta })
-}
-
-/// Whether this take filled this machine's chunk cache (chunks on a network FS).
-fn prepared_chunked_on_share(req: &TakeRequest) -> bool {
-    req.target.location.mode == Mode::NetworkFs && req.target.config.checkpoint_storage == Storage::Chunks
 }
 
 /// A stop's checkpoint that ran out of time: its signal must go now.
