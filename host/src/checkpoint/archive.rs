@@ -2,13 +2,12 @@
 //! one archive (Network FS mode) or hashed in place (Basic mode), handed to
 //! containerd's `--image-path`, and unpacked or checked for a restore.
 
-use super::chunks::{ChunkSink, ChunkStore};
+use super::chunks::{ChunkStore, Encoding};
 use super::manifest::{self, FileEntry, Manifest};
 use super::store::Generation;
 use super::{rootfs, untrusted, Error};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 /// Network FS mode: CRIU's images packed into one archive.
 pub const IMAGES_ARCHIVE: &str = "images.tar.zst";
@@ -43,10 +42,10 @@ pub fn hash_images(images: &Path) -> std::io::Result<Vec<FileEntry>> {
 }
 
 /// Chunks storage: CRIU's images (`images/`, and a pre-dump's `parent/`, in
-/// `local`) into the key's chunk store, each file's content on chunk edges
-/// of its own, as manifest entries `images/<name>` and `parent/<name>`;
-/// with the bytes the new chunks took.
-pub fn store_images(local: &Path, chunks: &Arc<ChunkStore>) -> std::io::Result<(Vec<FileEntry>, u64)> {
+/// `local`) into the key's chunk store, all files at once on every core,
+/// each file's content on chunk edges of its own, as manifest entries
+/// `images/<name>` and `parent/<name>`; with the bytes the new chunks took.
+pub fn store_images(local: &Path, chunks: &ChunkStore, encoding: Encoding) -> std::io::Result<(Vec<FileEntry>, u64)> {
     let mut names = Vec::new();
     for dir in [IMAGES_DIR, PARENT_DIR] {
         let Ok(entries) = std::fs::read_dir(local.join(dir)) else { continue };
@@ -61,18 +60,11 @@ pub fn store_images(local: &Path, chunks: &Arc<ChunkStore>) -> std::io::Result<(
         }
     }
     names.sort();
-    let mut sink = chunks.writer(super::chunks::threads());
-    let mut ranges = Vec::with_capacity(names.len());
-    for name in names {
-        let first = sink.position();
-        std::io::copy(&mut std::fs::File::open(local.join(&name))?, &mut sink)?;
-        sink.boundary()?;
-        ranges.push((name, first..sink.position()));
-    }
-    let stream = sink.finish()?;
-    let entries =
-        ranges.into_iter().map(|(name, range)| FileEntry::chunked(name, stream.chunks[range].to_vec())).collect();
-    Ok((entries, stream.new_bytes))
+    let files = names.iter().map(|name| std::fs::File::open(local.join(name))).collect::<Result<Vec<_>, _>>()?;
+    let written = chunks.store_files(&files, encoding, super::chunks::threads())?;
+    let new_bytes = written.iter().map(|w| w.new_bytes).sum();
+    let entries = names.into_iter().zip(written).map(|(name, w)| FileEntry::chunked(name, w.chunks)).collect();
+    Ok((entries, new_bytes))
 }
 
 /// Chunks storage: the images listed in the manifest, assembled from the

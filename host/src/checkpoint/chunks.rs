@@ -1,13 +1,17 @@
 //! The content-addressed chunk store of a key: CRIU's images and the
 //! writable layer's tar stream, cut into content-defined chunks (FastCDC),
-//! each stored once, compressed (zstd), named by its BLAKE3 digest, and shared
-//! by every generation of the key. A generation's manifest lists the chunks
-//! of each of its files; publishing writes only the chunks not already there.
+//! each stored once, named by its BLAKE3 digest, and shared by every
+//! generation of the key. A generation's manifest lists the chunks of each of
+//! its files; publishing writes only the chunks not already there.
 //!
 //! ```text
-//! <root>/<key>/.arch/chunks/<2 hex>/<64 hex>     one chunk, zstd-compressed
+//! <root>/<key>/.arch/chunks/<2 hex>/<64 hex>     one chunk (zstd, or as it is)
 //! <root>/<key>/.arch/chunks-bad/<64 hex>         a chunk found corrupt, set aside
 //! ```
+//!
+//! A stored chunk is kept as it is when its file is exactly the chunk's
+//! recorded size (zstd is only kept when it is smaller), else it is a zstd
+//! frame; either way its bytes must hash to its name before anything uses them.
 
 use super::manifest::Digest;
 use serde::{Deserialize, Serialize};
@@ -49,6 +53,7 @@ use super::untrusted::{self, Pinned};
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -66,6 +71,57 @@ pub const BAD_DIR: &str = "chunks-bad";
 const LEVEL: i32 = 1;
 /// The most a stored chunk may take: zstd's worst case for the largest chunk.
 const MAX_STORED: u64 = MAX_CHUNK as u64 + (MAX_CHUNK as u64 >> 7) + (64 << 10);
+/// What one thread cuts at a time: a file is cut in segments of this size at
+/// fixed offsets (each on its own core), a stream this much at a time.
+pub const SEGMENT: usize = 16 << 20;
+/// Chunks handed to a worker at once (a few MiB: the workers stay busy, the channel short).
+const JOB_CHUNKS: usize = 4;
+
+/// How the chunks a writer stores are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// zstd (level 1), unless that does not make a chunk smaller.
+    Zstd,
+    /// As they are: Basic mode's images, which a local disk takes as fast as
+    /// they come and a restore reads back without decoding (files storage
+    /// keeps them raw too).
+    Plain,
+}
+
+/// One thread's buffers and zstd contexts, kept from chunk to chunk: a fresh
+/// chunk-sized allocation costs more than the chunk's I/O here (the static
+/// musl build's allocator maps and faults in every large block anew).
+#[derive(Default)]
+struct Buffers {
+    stored: Vec<u8>,
+    data: Vec<u8>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+/// Which of a thread's [`Buffers`] holds a chunk just read.
+#[derive(Clone, Copy)]
+enum Held {
+    Stored,
+    Data,
+}
+
+impl Buffers {
+    fn held(&self, held: Held) -> &[u8] {
+        match held {
+            Held::Stored => &self.stored,
+            Held::Data => &self.data,
+        }
+    }
+
+    /// Takes out the buffer holding a chunk, leaving `spare` in its place.
+    fn take(&mut self, held: Held, spare: Vec<u8>) -> Vec<u8> {
+        match held {
+            Held::Stored => std::mem::replace(&mut self.stored, spare),
+            Held::Data => std::mem::replace(&mut self.data, spare),
+        }
+    }
+}
 
 /// What went wrong reading a chunk.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +180,99 @@ impl ChunkStore {
 
     /// A writer that cuts a stream into chunks and stores the new ones, on
     /// `threads` threads (hashing and compressing are the work).
-    pub fn writer(self: &Arc<Self>, threads: usize) -> ChunkWriter {
-        ChunkWriter::new(self.clone(), threads.max(1))
+    pub fn writer(self: &Arc<Self>, threads: usize, encoding: Encoding) -> ChunkWriter {
+        ChunkWriter::new(self.clone(), threads.max(1), encoding)
+    }
+
+    /// Stores whole local files (CRIU's images), `threads` segments at a time:
+    /// each file is cut at every [`SEGMENT`] offset, and each segment is read
+    /// in one go and cut on its own, so every core cuts and hashes. Unchanged
+    /// stretches of a file keep their chunks as long as they stay at the same
+    /// offset, which is how a job's memory image mostly changes. One
+    /// [`Written`] per file, in order.
+    pub fn store_files(&self, files: &[File], encoding: Encoding, threads: usize) -> io::Result<Vec<Written>> {
+        let mut jobs = Vec::new();
+        let mut written = Vec::with_capacity(files.len());
+        for (index, file) in files.iter().enumerate() {
+            let len = file.metadata()?.len();
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(SEGMENT as u64) as usize;
+                jobs.push((index, at, n));
+                at += n as u64;
+            }
+            written.push(Written { bytes: len, ..Default::default() });
+        }
+        let claimed = Mutex::new(HashSet::new());
+        let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+        // What each job (segment) stored, by job.
+        let mut done: Vec<Option<Written>> = vec![None; jobs.len()];
+        let results: Vec<io::Result<Vec<(usize, Written)>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.clamp(1, jobs.len().max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let (mut segment, mut bufs, mut mine) = (Vec::new(), Buffers::default(), Vec::new());
+                        while !failed.load(Ordering::Relaxed) {
+                            let job = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&(index, at, n)) = jobs.get(job) else { break };
+                            segment.resize(n, 0);
+                            let stored = files[index].read_exact_at(&mut segment, at).and_then(|()| {
+                                let mut out = Written { bytes: n as u64, ..Default::default() };
+                                for cut in fastcdc::v2020::FastCDC::new(&segment, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                                    let data = &segment[cut.offset..cut.offset + cut.length];
+                                    let (chunk, new) = self.store_chunk(&claimed, data, encoding, &mut bufs)?;
+                                    out.chunks.push(chunk);
+                                    out.new_chunks += u64::from(new > 0);
+                                    out.new_bytes += new;
+                                }
+                                Ok(out)
+                            });
+                            match stored {
+                                Ok(out) => mine.push((job, out)),
+                                Err(e) => {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        Ok(mine)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("a chunk writer panicked"))))
+                .collect()
+        });
+        for result in results {
+            for (job, out) in result? {
+                done[job] = Some(out);
+            }
+        }
+        for (&(index, _, _), out) in jobs.iter().zip(done) {
+            let out = out.ok_or_else(|| io::Error::other("a segment was lost"))?;
+            let file = &mut written[index];
+            file.chunks.extend(out.chunks);
+            file.new_chunks += out.new_chunks;
+            file.new_bytes += out.new_bytes;
+        }
+        Ok(written)
+    }
+
+    /// Hashes one chunk and stores it unless this writer or an earlier one
+    /// did; its reference and the bytes it took in the store (0 if none).
+    fn store_chunk(
+        &self,
+        claimed: &Mutex<HashSet<Digest>>,
+        data: &[u8],
+        encoding: Encoding,
+        bufs: &mut Buffers,
+    ) -> io::Result<(ChunkRef, u64)> {
+        let digest = Digest::of(data);
+        // Two workers may meet the same new chunk (zero pages): one stores it.
+        let first = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(digest);
+        let new = if first { self.put(&digest, data, encoding, bufs)? } else { 0 };
+        Ok((ChunkRef { blake3: digest, size: data.len() as u64 }, new))
     }
 
     /// Whether the chunk is there; if so its time is refreshed, so that a
@@ -146,36 +293,61 @@ impl ChunkStore {
     }
 
     /// Stores one chunk unless present; the stored bytes it wrote (0 if present).
-    fn put(&self, digest: &Digest, data: &[u8]) -> io::Result<u64> {
+    fn put(&self, digest: &Digest, data: &[u8], encoding: Encoding, bufs: &mut Buffers) -> io::Result<u64> {
         let (sub_name, name) = rel(digest);
         let sub = self.dir.dir(&sub_name, true)?;
         if self.refresh(&sub, &name) {
             return Ok(0);
         }
-        let stored = zstd::bulk::compress(data, LEVEL)?;
+        let stored = match encoding {
+            Encoding::Plain => data,
+            Encoding::Zstd => {
+                let compressor = match &mut bufs.compressor {
+                    Some(c) => c,
+                    none => none.insert(zstd::bulk::Compressor::new(LEVEL)?),
+                };
+                bufs.stored.clear();
+                bufs.stored.reserve(zstd::zstd_safe::compress_bound(data.len()));
+                compressor.compress_to_buffer(data, &mut bufs.stored)?;
+                // Only smaller is kept compressed: a stored chunk of exactly its size is raw.
+                if bufs.stored.len() < data.len() {
+                    &bufs.stored[..]
+                } else {
+                    data
+                }
+            }
+        };
         // Written under a temporary name, renamed when whole: a take killed
         // mid-write never leaves a short chunk under a digest's name.
         let tmp = format!("{name}.tmp-{}-{}", std::process::id(), unique());
         let mut file = sub.create(&tmp)?;
-        let written = file.write_all(&stored).and_then(|()| rename_in(&sub, &tmp, &name));
+        let written = file.write_all(stored).and_then(|()| rename_in(&sub, &tmp, &name));
         if let Err(e) = written {
             let _ = unlink_in(&sub, &tmp);
             return Err(e);
         }
         if let Some(cache) = &self.cache {
-            cache.put(digest, &stored);
+            cache.put(digest, stored);
         }
         Ok(stored.len() as u64)
     }
 
     /// One chunk, from the cache or the store, checked against its digest.
     pub fn read(&self, chunk: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
+        let mut bufs = Buffers::default();
+        let held = self.fetch(chunk, &mut bufs)?;
+        Ok(bufs.take(held, Vec::new()))
+    }
+
+    /// One chunk into a thread's buffers, from the cache or the store,
+    /// checked against its digest; which buffer holds it.
+    fn fetch(&self, chunk: &ChunkRef, bufs: &mut Buffers) -> Result<Held, ChunkError> {
         if let Some(cache) = &self.cache {
-            if let Some(stored) = cache.get(&chunk.blake3) {
-                match decode(chunk, &stored) {
-                    Ok(data) => {
+            if cache.get(&chunk.blake3, &mut bufs.stored) {
+                match decode(chunk, bufs) {
+                    Ok(held) => {
                         self.from_cache.fetch_add(1, Ordering::Relaxed);
-                        return Ok(data);
+                        return Ok(held);
                     }
                     Err(_) => cache.remove(&chunk.blake3),
                 }
@@ -187,19 +359,19 @@ impl ChunkStore {
             io::ErrorKind::NotFound => ChunkError::Missing(chunk.blake3),
             _ => ChunkError::Read(chunk.blake3, untrusted::Error::Io(sub_name.clone(), e)),
         })?;
-        let stored = sub.read(&name, MAX_STORED).map_err(|e| {
+        sub.read_into(&name, MAX_STORED, &mut bufs.stored).map_err(|e| {
             if missing(&e) {
                 ChunkError::Missing(chunk.blake3)
             } else {
                 ChunkError::Read(chunk.blake3, e)
             }
         })?;
-        let data = decode(chunk, &stored)?;
+        let held = decode(chunk, bufs)?;
         self.from_store.fetch_add(1, Ordering::Relaxed);
         if let Some(cache) = &self.cache {
-            cache.put(&chunk.blake3, &stored);
+            cache.put(&chunk.blake3, &bufs.stored);
         }
-        Ok(data)
+        Ok(held)
     }
 
     /// Keeps this machine's cache within its bound, if the store reads
@@ -235,9 +407,12 @@ impl ChunkStore {
         std::thread::scope(|scope| {
             for _ in 0..threads.clamp(1, jobs.len().max(1)) {
                 scope.spawn(|| {
+                    let mut bufs = Buffers::default();
                     while !failed.load(Ordering::Relaxed) {
                         let Some(&(out, chunk, at)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                        let result = self.read(chunk).and_then(|data| out.write_all_at(&data, at).map_err(write_error));
+                        let result = self
+                            .fetch(chunk, &mut bufs)
+                            .and_then(|held| out.write_all_at(bufs.held(held), at).map_err(write_error));
                         if let Err(e) = result {
                             failed.store(true, Ordering::Relaxed);
                             first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
@@ -252,27 +427,34 @@ impl ChunkStore {
         }
     }
 
-    /// The chunks as one stream (the layer's tar), read ahead `window` chunks
-    /// at a time on as many threads; every chunk checked before it is returned.
+    /// The chunks as one stream (the layer's tar), read ahead by `window`
+    /// threads (thread `w` reads chunks `w`, `w + window`, ...); every chunk
+    /// checked before it is returned.
     pub fn reader(self: &Arc<Self>, chunks: Vec<ChunkRef>, window: usize) -> ChunkReader {
-        let (tx, rx) = sync_channel(window.max(1));
-        let store = self.clone();
-        let window = window.max(1);
-        let feeder = std::thread::spawn(move || {
-            for batch in chunks.chunks(window) {
-                let read: Vec<_> = std::thread::scope(|scope| {
-                    let handles: Vec<_> = batch.iter().map(|c| scope.spawn(|| store.read(c))).collect();
-                    handles.into_iter().map(|h| h.join().unwrap_or(Err(ChunkError::Missing(Digest([0; 32]))))).collect()
-                });
-                for result in read {
-                    let stop = result.is_err();
-                    if tx.send(result).is_err() || stop {
+        let window = window.clamp(1, chunks.len().max(1));
+        let chunks = Arc::new(chunks);
+        let spare = Arc::new(Mutex::new(Vec::new()));
+        let mut lanes = Vec::with_capacity(window);
+        for lane in 0..window {
+            let (tx, rx) = sync_channel(2);
+            let (store, chunks, spare) = (self.clone(), chunks.clone(), spare.clone());
+            std::thread::spawn(move || {
+                let mut bufs = Buffers::default();
+                for chunk in chunks.iter().skip(lane).step_by(window) {
+                    let read = store.fetch(chunk, &mut bufs).map(|held| {
+                        let reuse = spare.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+                        bufs.take(held, reuse)
+                    });
+                    let stop = read.is_err();
+                    // The reader dropped (it stopped early): so does this lane.
+                    if tx.send(read).is_err() || stop {
                         return;
                     }
                 }
-            }
-        });
-        ChunkReader { rx, current: Vec::new(), at: 0, error: None, _feeder: feeder }
+            });
+            lanes.push(rx);
+        }
+        ChunkReader { lanes, next: 0, current: Vec::new(), at: 0, error: None, spare }
     }
 
     /// Moves a chunk found corrupt out of the store, so that the next
@@ -356,17 +538,29 @@ pub struct Swept {
     pub bytes: u64,
 }
 
-fn decode(chunk: &ChunkRef, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
+/// Checks the chunk read into `bufs.stored` (decoding it into `bufs.data`
+/// if it is compressed); which buffer holds the chunk.
+fn decode(chunk: &ChunkRef, bufs: &mut Buffers) -> Result<Held, ChunkError> {
     let corrupt = || ChunkError::Corrupt(chunk.blake3);
     if chunk.size > MAX_CHUNK as u64 {
         return Err(corrupt());
     }
-    // The recorded size is the most zstd may produce: a bomb stops there.
-    let data = zstd::bulk::decompress(stored, chunk.size as usize).map_err(|_| corrupt())?;
-    if data.len() as u64 != chunk.size || Digest::of(&data) != chunk.blake3 {
+    if bufs.stored.len() as u64 == chunk.size && Digest::of(&bufs.stored) == chunk.blake3 {
+        return Ok(Held::Stored);
+    }
+    let decompressor = match &mut bufs.decompressor {
+        Some(d) => d,
+        none => none.insert(zstd::bulk::Decompressor::new().map_err(|_| corrupt())?),
+    };
+    // zstd writes no further than the buffer's room (the recorded size, or
+    // what a larger chunk before left): a bomb stops there.
+    bufs.data.clear();
+    bufs.data.reserve(chunk.size as usize);
+    let n = decompressor.decompress_to_buffer(&bufs.stored[..], &mut bufs.data).map_err(|_| corrupt())?;
+    if n as u64 != chunk.size || Digest::of(&bufs.data) != chunk.blake3 {
         return Err(corrupt());
     }
-    Ok(data)
+    Ok(Held::Data)
 }
 
 fn cstr(name: &str) -> io::Result<CString> {
@@ -400,11 +594,14 @@ fn unique() -> usize {
 
 /// Reads a chunk list as one stream (see [`ChunkStore::reader`]).
 pub struct ChunkReader {
-    rx: Receiver<Result<Vec<u8>, ChunkError>>,
+    /// One channel per reading thread; chunk `i` comes from lane `i % lanes`.
+    lanes: Vec<Receiver<Result<Vec<u8>, ChunkError>>>,
+    next: usize,
     current: Vec<u8>,
     at: usize,
     error: Option<Digest>,
-    _feeder: JoinHandle<()>,
+    /// Buffers read out, for the lanes to fill again.
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl ChunkReader {
@@ -417,12 +614,22 @@ impl ChunkReader {
 impl io::Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.current.len() {
-            match self.rx.recv() {
-                Ok(Ok(data)) => (self.current, self.at) = (data, 0),
+            let lane = self.next % self.lanes.len();
+            match self.lanes[lane].recv() {
+                Ok(Ok(data)) => {
+                    self.next += 1;
+                    let spent = std::mem::replace(&mut self.current, data);
+                    self.at = 0;
+                    let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+                    if spare.len() < self.lanes.len() {
+                        spare.push(spent);
+                    }
+                }
                 Ok(Err(e)) => {
                     self.error = e.bad_chunk();
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
+                // Lanes end in order: the first that has nothing more ends the stream.
                 Err(_) => return Ok(0),
             }
         }
@@ -445,9 +652,11 @@ pub struct Written {
     pub new_bytes: u64,
 }
 
+/// Chunks of a stream for a worker: where they are in `data`, and the index of the first.
 struct Job {
-    index: usize,
-    data: Vec<u8>,
+    first: usize,
+    data: Arc<Vec<u8>>,
+    cuts: Vec<Range<usize>>,
 }
 
 /// What one worker stored: its chunks by index, and the new ones' count and bytes.
@@ -458,78 +667,92 @@ struct Stored {
     new_bytes: u64,
 }
 
-/// Cuts what it is written into content-defined chunks and stores each on a
-/// worker thread (digest, compression, write), in the order written.
+/// Cuts what it is written into content-defined chunks, a [`SEGMENT`] at a
+/// time (the last chunk of a segment waits for the bytes after it), and
+/// stores them on worker threads (digest, compression, write).
 pub struct ChunkWriter {
     buf: Vec<u8>,
     next: usize,
     bytes: u64,
     spliced: Vec<(usize, ChunkRef)>,
     tx: Option<SyncSender<Job>>,
+    /// Segments the workers are done with, to fill again.
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
     workers: Vec<JoinHandle<io::Result<Stored>>>,
 }
 
 impl ChunkWriter {
-    fn new(store: Arc<ChunkStore>, threads: usize) -> ChunkWriter {
-        let (tx, rx) = sync_channel::<Job>(threads * 2);
+    fn new(store: Arc<ChunkStore>, threads: usize, encoding: Encoding) -> ChunkWriter {
+        let (tx, rx) = sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
-        // Two workers of one stream may meet the same new chunk (zero pages):
-        // one writes it, the other waits for nothing and counts nothing.
         let claimed = Arc::new(Mutex::new(HashSet::new()));
+        let spare = Arc::new(Mutex::new(Vec::new()));
         let workers = (0..threads)
             .map(|_| {
-                let (store, rx, claimed) = (store.clone(), rx.clone(), claimed.clone());
+                let (store, rx, claimed, spare) = (store.clone(), rx.clone(), claimed.clone(), spare.clone());
                 std::thread::spawn(move || {
-                    let mut stored = Stored::default();
+                    let (mut stored, mut bufs) = (Stored::default(), Buffers::default());
                     loop {
                         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok(Job { index, data }) = job else { break };
-                        let digest = Digest::from(blake3::hash(&data));
-                        let first = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(digest);
-                        if first {
-                            let bytes = store.put(&digest, &data)?;
-                            if bytes > 0 {
+                        let Ok(Job { first, data, cuts }) = job else { break };
+                        for (i, cut) in cuts.into_iter().enumerate() {
+                            let (chunk, new) = store.store_chunk(&claimed, &data[cut], encoding, &mut bufs)?;
+                            if new > 0 {
                                 stored.new_chunks += 1;
-                                stored.new_bytes += bytes;
+                                stored.new_bytes += new;
                             }
+                            stored.done.push((first + i, chunk));
                         }
-                        stored.done.push((index, ChunkRef { blake3: digest, size: data.len() as u64 }));
+                        // The last worker done with a segment gives it back.
+                        if let Ok(segment) = Arc::try_unwrap(data) {
+                            spare.lock().unwrap_or_else(|p| p.into_inner()).push(segment);
+                        }
                     }
                     Ok(stored)
                 })
             })
             .collect();
         ChunkWriter {
-            buf: Vec::with_capacity(4 * MAX_CHUNK),
+            buf: Vec::with_capacity(SEGMENT + MAX_CHUNK),
             next: 0,
             bytes: 0,
             spliced: Vec::new(),
             tx: Some(tx),
+            spare,
             workers,
         }
     }
 
     /// Hands the buffer's chunks to the workers: all of them at a boundary,
-    /// else all but the last (which the next bytes may still extend).
+    /// else all but the last (which the next bytes may still extend), which
+    /// starts the next buffer.
     fn cut(&mut self, all: bool) -> io::Result<()> {
-        let cuts: Vec<_> = fastcdc::v2020::FastCDC::new(&self.buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).collect();
-        let keep = if all { cuts.len() } else { cuts.len().saturating_sub(1) };
-        let mut consumed = 0;
-        for cut in &cuts[..keep] {
-            let data = self.buf[cut.offset..cut.offset + cut.length].to_vec();
-            consumed = cut.offset + cut.length;
-            self.send(data)?;
+        if self.buf.is_empty() {
+            return Ok(());
         }
-        self.buf.drain(..consumed);
-        Ok(())
-    }
-
-    fn send(&mut self, data: Vec<u8>) -> io::Result<()> {
-        let job = Job { index: self.next, data };
-        self.next += 1;
+        let mut cuts: Vec<Range<usize>> = fastcdc::v2020::FastCDC::new(&self.buf, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+            .map(|c| c.offset..c.offset + c.length)
+            .collect();
+        let rest = if all { None } else { cuts.pop() };
+        let mut fresh = self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(SEGMENT + MAX_CHUNK));
+        fresh.clear();
+        if let Some(rest) = rest {
+            fresh.extend_from_slice(&self.buf[rest]);
+        }
+        let data = Arc::new(std::mem::replace(&mut self.buf, fresh));
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("chunk writer finished"))?;
-        // A worker that failed has dropped its end: its error comes out of finish.
-        tx.send(job).map_err(|_| io::Error::other("a chunk writer stopped"))
+        for batch in cuts.chunks(JOB_CHUNKS) {
+            let job = Job { first: self.next, data: data.clone(), cuts: batch.to_vec() };
+            self.next += batch.len();
+            // A worker that failed has dropped its end: its error comes out of finish.
+            tx.send(job).map_err(|_| io::Error::other("a chunk writer stopped"))?;
+        }
+        Ok(())
     }
 
     /// Waits for every chunk to be stored; the stream's chunk list.
@@ -572,7 +795,7 @@ impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
         self.bytes += data.len() as u64;
-        if self.buf.len() >= 3 * MAX_CHUNK {
+        if self.buf.len() >= SEGMENT {
             self.cut(false)?;
         }
         Ok(data.len())
@@ -634,12 +857,18 @@ impl Cache {
         self.dir.join(digest.to_hex())
     }
 
-    fn get(&self, digest: &Digest) -> Option<Vec<u8>> {
+    /// Reads the chunk into `stored` if the cache has it.
+    fn get(&self, digest: &Digest, stored: &mut Vec<u8>) -> bool {
+        use std::io::Read;
         let path = self.path(digest);
-        let stored = std::fs::read(&path).ok()?;
+        let Ok(mut file) = File::open(&path) else { return false };
+        stored.clear();
+        if Read::by_ref(&mut file).take(MAX_STORED).read_to_end(stored).is_err() {
+            return false;
+        }
         // Recently used: the last to go.
-        let _ = File::options().write(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
-        Some(stored)
+        let _ = file.set_modified(SystemTime::now());
+        true
     }
 
     fn put(&self, digest: &Digest, stored: &[u8]) {
@@ -711,7 +940,7 @@ mod tests {
     }
 
     fn write(store: &Arc<ChunkStore>, parts: &[&[u8]]) -> Written {
-        let mut w = store.writer(3);
+        let mut w = store.writer(3, Encoding::Zstd);
         for part in parts {
             w.write_all(part).unwrap();
             w.boundary().unwrap();
@@ -751,7 +980,7 @@ mod tests {
         let store = store(d.path(), None);
         let (a, b) = (noise(3 << 20, 3), noise(100, 4));
         let first = write(&store, &[&a, &b]);
-        let mut w = store.writer(2);
+        let mut w = store.writer(2, Encoding::Zstd);
         w.write_all(b"header").unwrap();
         let start = w.position();
         w.splice(&first.chunks).unwrap();
@@ -860,5 +1089,65 @@ mod tests {
         store.assemble(&[(fa, &written.chunks[..]), (fb, &[][..])], 3).unwrap();
         assert_eq!(std::fs::read(out.path().join("a")).unwrap(), a);
         assert_eq!(std::fs::read(out.path().join("b")).unwrap(), b);
+    }
+
+    /// The stored files of a store's chunks, by digest: (length on disk).
+    fn stored_len(d: &Path, chunk: &ChunkRef) -> u64 {
+        let hex = chunk.blake3.to_hex();
+        std::fs::metadata(d.join(DIR).join(&hex[..2]).join(&hex)).unwrap().len()
+    }
+
+    #[test]
+    fn files_are_cut_by_segments_in_parallel_and_keep_their_chunks_where_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let src = tempfile::tempdir().unwrap();
+        let mut big = noise(2 * SEGMENT + (3 << 20), 11);
+        let small = b"a small image".to_vec();
+        let put = |name: &str, bytes: &[u8]| {
+            std::fs::write(src.path().join(name), bytes).unwrap();
+            File::open(src.path().join(name)).unwrap()
+        };
+        let files = [put("pages", &big), put("small", &small), put("empty", &[])];
+        let first = store.store_files(&files, Encoding::Plain, 3).unwrap();
+        assert_eq!(first.len(), 3);
+        assert_eq!(read_all(&store, &first[0].chunks), big);
+        assert_eq!(read_all(&store, &first[1].chunks), small);
+        assert!(first[2].chunks.is_empty());
+        // No chunk crosses a segment's edge, and Plain chunks are stored as they are.
+        let mut at = 0;
+        for chunk in &first[0].chunks {
+            assert_eq!(at / SEGMENT as u64, (at + chunk.size - 1) / SEGMENT as u64, "chunk at {at}");
+            assert_eq!(stored_len(d.path(), chunk), chunk.size);
+            at += chunk.size;
+        }
+        assert_eq!(first[0].new_bytes, big.len() as u64);
+        // A tenth rewritten in place: about a tenth is new, in one segment or two.
+        let tenth = big.len() / 10;
+        big[4 * tenth..5 * tenth].copy_from_slice(&noise(tenth, 12));
+        let files = [put("pages", &big)];
+        let second = store.store_files(&files, Encoding::Plain, 3).unwrap();
+        assert_eq!(read_all(&store, &second[0].chunks), big);
+        assert!(second[0].new_bytes < first[0].new_bytes / 4, "{} of {}", second[0].new_bytes, first[0].new_bytes);
+    }
+
+    #[test]
+    fn zstd_is_kept_only_where_it_is_smaller_and_either_kind_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let store = store(d.path(), None);
+        let (zeros, rand) = (vec![0u8; 1 << 20], noise(1 << 20, 13));
+        let written = write(&store, &[&zeros, &rand]);
+        let (z, r) = (written.chunks[0], written.chunks[written.chunks.len() - 1]);
+        assert!(stored_len(d.path(), &z) < z.size / 100, "zeros compress");
+        assert_eq!(stored_len(d.path(), &r), r.size, "noise is kept as it is");
+        assert_eq!(store.read(&z).unwrap(), zeros);
+        assert_eq!(read_all(&store, &written.chunks[written.chunks.len() - 1..]), rand);
+        // A raw chunk with a flipped byte is neither itself nor a zstd frame.
+        let hex = r.blake3.to_hex();
+        let path = d.path().join(DIR).join(&hex[..2]).join(&hex);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[1000] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(store.read(&r), Err(ChunkError::Corrupt(d)) if d == r.blake3));
     }
 }

@@ -18,7 +18,7 @@
 //! 7. [`seal`]: metadata and manifest written, the generation validated.
 //! 8. [`publish`]: one flush and one rename make it visible; older generations pruned.
 
-use super::chunks::{ChunkRef, ChunkStore};
+use super::chunks::{ChunkRef, ChunkStore, Encoding};
 use super::freeze::Freeze;
 use super::layer::{self, LayerIndex};
 use super::manifest::{self, FileEntry, FleetKey, Manifest};
@@ -217,7 +217,7 @@ fn precopy_layer(req: &TakeRequest, prepared: &Prepared) -> Result<Option<Precop
     let started = Instant::now();
     let survey = rootfs::survey(&upper).map_err(|e| Error::incomplete("reading the rootfs upperdir", e))?;
     let previous = prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks });
-    let mut sink = chunks.writer(super::chunks::threads());
+    let mut sink = chunks.writer(super::chunks::threads(), Encoding::Zstd);
     let written = layer::write(&upper, &survey, previous, true, &mut sink)
         .map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
     let stream = sink.finish().map_err(|e| Error::incomplete("pre-copying the rootfs", e))?;
@@ -408,7 +408,7 @@ fn capture_layer_chunks(
         Some(pre) => Some(layer::Previous { index: &pre.index, chunks: &pre.chunks }),
         None => prepared.previous.as_ref().map(|(index, chunks)| layer::Previous { index, chunks }),
     };
-    let mut sink = chunks.writer(super::chunks::threads());
+    let mut sink = chunks.writer(super::chunks::threads(), Encoding::Zstd);
     let written = layer::write(&upper, &survey, previous, req.leave_running, &mut sink);
     let stream = written.and_then(|w| Ok((w, sink.finish()?)));
     // The end of the frozen window.
@@ -489,7 +489,8 @@ fn images(
         let parent = prepared.local.join(archive::PARENT_DIR);
         meta.images_bytes += crate::util::fs::dir_bytes(&parent);
         let (entries, new_bytes) =
-            archive::store_images(&prepared.local, chunks).map_err(|e| Error::incomplete("storing the images", e))?;
+            archive::store_images(&prepared.local, chunks, images_encoding(req.target.location.mode))
+                .map_err(|e| Error::incomplete("storing the images", e))?;
         files.extend(entries);
         *meta.written_bytes.get_or_insert(0) += new_bytes;
         phases.end("store", started);
@@ -512,6 +513,16 @@ fn images(
         phases.end("digest", started);
     }
     Ok(files)
+}
+
+/// Chunks of CRIU's images: raw on a local disk (Basic mode), which takes
+/// them as fast as they come and hands them back to a restore without
+/// decoding, as files storage does; zstd where they cross a network.
+fn images_encoding(mode: Mode) -> Encoding {
+    match mode {
+        Mode::Basic => Encoding::Plain,
+        Mode::NetworkFs => Encoding::Zstd,
+    }
 }
 
 /// Writes `metadata.json` (with the phases so far) and the manifest of every

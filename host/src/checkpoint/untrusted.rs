@@ -247,18 +247,26 @@ impl Pinned {
 
     /// The whole regular file `rel`, refused if larger than `cap` bytes.
     pub fn read(&self, rel: impl AsRef<Path>, cap: u64) -> Result<Vec<u8>, Error> {
+        let mut bytes = Vec::new();
+        self.read_into(rel, cap, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// [`Pinned::read`] into a buffer the caller keeps (its room is reused).
+    pub fn read_into(&self, rel: impl AsRef<Path>, cap: u64, bytes: &mut Vec<u8>) -> Result<(), Error> {
         let rel = rel.as_ref();
         let (file, size) = self.open(rel)?;
         if size > cap {
             return Err(Error::TooLarge(self.shown_file(rel), size, cap));
         }
-        let mut bytes = Vec::with_capacity(size as usize);
+        bytes.clear();
+        bytes.reserve(size as usize);
         // The file may grow while we read: never take more than the cap.
-        file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| Error::Io(self.shown_file(rel), e))?;
+        file.take(cap + 1).read_to_end(bytes).map_err(|e| Error::Io(self.shown_file(rel), e))?;
         if bytes.len() as u64 > cap {
             return Err(Error::TooLarge(self.shown_file(rel), bytes.len() as u64, cap));
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// The last `n` bytes (at most) of the regular file `rel`.
