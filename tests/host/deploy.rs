@@ -464,3 +464,81 @@ fn deploy_paths_named_in_the_docs_exist() {
     }
     assert!(named > 10);
 }
+
+/// The JSON block of docs/user-guide.md that sets `key`.
+fn guide_json_setting(key: &str) -> Value {
+    let guide = read("docs/user-guide.md");
+    let block = guide
+        .split("```json\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains(&format!("\"{key}\"")))
+        .unwrap_or_else(|| panic!("docs/user-guide.md shows no JSON setting {key}"));
+    serde_json::from_str(block).unwrap_or_else(|e| panic!("user-guide.md: {e}: {block}"))
+}
+
+/// IAM actions of a policy's Allow statements, with the resources each covers.
+fn allowed(policy: &Value) -> Vec<(String, Vec<String>)> {
+    let strings = |v: &Value| -> Vec<String> {
+        match v {
+            Value::Array(a) => a.iter().map(|s| s.as_str().unwrap().to_owned()).collect(),
+            v => vec![v.as_str().unwrap().to_owned()],
+        }
+    };
+    let mut out = Vec::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow");
+        let resources = strings(&statement["Resource"]);
+        for action in strings(&statement["Action"]) {
+            assert!(!action.contains('*'), "a wildcard action: {action}");
+            out.push((action, resources.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_cloudwatch_agent_ships_the_log_and_the_emf_file_arch_writes() {
+    let agent = json("deploy/cloudwatch/agent.json");
+    for key in agent.as_object().unwrap().keys() {
+        assert!(["agent", "logs"].contains(&key.as_str()), "deploy/cloudwatch/agent.json: {key}");
+    }
+    // Final checkpoints' figures must leave a Spot instance within its two minutes.
+    assert!(agent["logs"]["force_flush_interval"].as_u64().is_some_and(|s| s <= 10));
+    let files = agent["logs"]["logs_collected"]["files"]["collect_list"].as_array().unwrap();
+    let entry = |path: &str| {
+        files
+            .iter()
+            .find(|f| f["file_path"] == path)
+            .unwrap_or_else(|| panic!("deploy/cloudwatch/agent.json does not collect {path}"))
+    };
+    let log = entry(arch::config::Config::default().log_file.to_str().unwrap());
+    // The path the guide tells the operator to set, in a config arch-runc accepts.
+    let shown = guide_json_setting("cloudwatch_emf_file");
+    let config = arch::config::Config::from_json(shown.to_string().as_bytes()).unwrap();
+    let emf_path = config.cloudwatch_emf_file.expect("the guide sets cloudwatch_emf_file");
+    let emf = entry(emf_path.to_str().unwrap());
+    assert_eq!(files.len(), 2, "the log and the EMF file, nothing else");
+    // EMF in its own group: the agent marks a group's stream EMF once it sees a metric line.
+    assert_ne!(log["log_group_name"], emf["log_group_name"]);
+    let policy = allowed(&json("deploy/cloudwatch/agent-iam-policy.json"));
+    for f in [log, emf] {
+        assert!(f["log_stream_name"].as_str().unwrap().contains("{instance_id}"), "a stream per instance: {f}");
+        let group = f["log_group_name"].as_str().unwrap();
+        for action in ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:PutRetentionPolicy"] {
+            let covers = |r: &String| {
+                r == "*" || r.ends_with(&format!(":log-group:{group}")) || r.ends_with(&format!(":log-group:{group}:*"))
+            };
+            assert!(
+                policy.iter().any(|(a, rs)| a == action && rs.iter().any(covers)),
+                "the agent's policy does not allow {action} on {group}"
+            );
+        }
+    }
+    // Metrics come out of the logs: the agent never calls CloudWatch itself.
+    let actions: Vec<&str> = policy.iter().map(|(a, _)| a.as_str()).collect();
+    assert!(actions.iter().all(|a| a.starts_with("logs:")), "{actions:?}");
+    let grafana = allowed(&json("deploy/grafana/workspace-iam-policy.json"));
+    let read: Vec<&str> = grafana.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(read, ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics"], "Grafana only reads metrics");
+}

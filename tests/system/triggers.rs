@@ -271,7 +271,10 @@ fn a_spot_interruption_takes_a_final_checkpoint_of_every_arch_container_before_t
         return;
     }
     let sim = imds::Imds::start();
-    let ctd = Containerd::start_with("arch-tr-spot", spot_instance(&sim, serde_json::json!({})));
+    let inst = spot_instance(&sim, serde_json::json!({}));
+    let emf = inst.path("emf/metrics.jsonl");
+    inst.configure(serde_json::json!({ "cloudwatch_emf_file": emf }));
+    let ctd = Containerd::start_with("arch-tr-spot", inst);
     start_armed(&ctd, "a", &["ARCH_CHECKPOINT_KEY=jobs/a"], GRACEFUL);
     start_armed(&ctd, "b", &["ARCH_CHECKPOINT_KEY=jobs/b"], GRACEFUL);
     let plain = ctd.run("plain", &[], true, &["sh", "-c", "sleep 1000"]);
@@ -298,10 +301,24 @@ fn a_spot_interruption_takes_a_final_checkpoint_of_every_arch_container_before_t
     let report = spot_lines(&ctd.inst).into_iter().find(|r| r["message"] == "final checkpoints done").unwrap();
     assert_eq!((report["started"].as_u64(), report["published"].as_u64()), (Some(2), Some(2)), "{report}");
     assert_eq!(report["in_time"], true, "{report}");
+    assert_eq!((report["late"].as_u64(), report["failed"].as_u64()), (Some(0), Some(0)), "{report}");
     // More polls see the same notice: nothing is taken twice.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(ctd.inst.counters().get("arch_triggers_total{trigger=\"spot-interruption\"}"), Some(&2));
     assert_eq!(ctd.inst.counters().get("arch_spot_notices_total{notice=\"interruption\"}"), Some(&1));
+    assert_eq!(ctd.inst.counters().get("arch_spot_final_checkpoints_total{outcome=\"in_time\"}"), Some(&2));
+    // The notice met in time, as CloudWatch will see it: watch's EMF lines.
+    let met: Vec<serde_json::Value> = std::fs::read_to_string(&emf)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l.get("arch_spot_final_checkpoints_total").is_some())
+        .collect();
+    assert_eq!(met.len(), 2, "{met:?}");
+    for line in &met {
+        assert_eq!(line["outcome"], "in_time", "{line}");
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["outcome"]]), "{line}");
+    }
     let requests = sim.requests();
     assert!(requests.iter().any(|r| r.method == "PUT"), "a session token was asked for");
     assert!(requests.iter().filter(|r| r.method == "GET").all(|r| r.token.is_some()), "every GET carried it");

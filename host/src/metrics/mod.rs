@@ -83,18 +83,17 @@ impl Metrics {
     /// Adds `n` to a counter; failures are logged, never returned: metrics
     /// must not change what a runc call does.
     pub fn count(&self, family: Family, labels: Labels, n: u64) {
-        self.write(&[(family.name, labels, Value::Count(n))]);
+        self.write(&[(family, labels, Value::Count(n))]);
     }
 
     /// One observation of a duration histogram.
     pub fn observe(&self, family: Family, labels: Labels, seconds: f64) {
-        self.write(&[(family.name, labels, Value::Seconds(seconds))]);
+        self.write(&[(family, labels, Value::Seconds(seconds))]);
     }
 
     /// Several figures in one write.
     pub fn record(&self, figures: &[Figure]) {
-        let named: Vec<Named> = figures.iter().map(|&(family, labels, value)| (family.name, labels, value)).collect();
-        self.write(&named);
+        self.write(figures);
     }
 
     /// A counter named by a handler module serving `module`.
@@ -104,13 +103,21 @@ impl Metrics {
         }
         let (family, labels) = from_guest(module, name);
         let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.write(&[(family.name, &labels, Value::Count(n))]);
+        self.write(&[(family, &labels, Value::Count(n))]);
         Ok(())
     }
 
-    fn write(&self, figures: &[Named]) {
+    fn write(&self, figures: &[Figure]) {
+        for (family, labels, _) in figures {
+            if !labels.iter().map(|(k, _)| *k).eq(family.labels.iter().copied()) {
+                // A dashboard finds a CloudWatch metric by its whole dimension set.
+                tracing::warn!(family = family.name, ?labels, expected = ?family.labels, "metric labels differ from its family's");
+            }
+        }
         if let Some(storage) = &self.storage {
-            if let Err(e) = storage.append(figures) {
+            let named: Vec<Named> =
+                figures.iter().map(|&(family, labels, value)| (family.name, labels, value)).collect();
+            if let Err(e) = storage.append(&named) {
                 tracing::warn!(error = %e, "metrics not recorded");
             }
         }

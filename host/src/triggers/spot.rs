@@ -167,19 +167,40 @@ async fn interruption(checkpointer: &Checkpointer, handled: &mut Handled, notice
     tokio::spawn(report(tasks, fired, deadline));
 }
 
-/// Logs how a round of final checkpoints went against the notice's time.
+/// Logs how a round of final checkpoints went against the notice's time,
+/// and counts each checkpoint's outcome (`arch_spot_final_checkpoints_total`).
 async fn report(tasks: Vec<tokio::task::JoinHandle<Outcome>>, fired: Trigger, deadline: Option<u64>) {
-    let started = tasks.len();
-    let mut published = 0;
-    for task in tasks {
-        if matches!(task.await, Ok(Outcome::Published(_))) {
-            published += 1;
+    // Each checkpoint's end, not the round's: one slow container must not
+    // make the others late.
+    let ends: Vec<_> =
+        tasks.into_iter().map(|task| tokio::spawn(async move { (task.await, crate::util::time::now_ms()) })).collect();
+    let started = ends.len();
+    let (mut published, mut late, mut failed) = (0, 0, 0);
+    for end in ends {
+        let Ok((outcome, ended_unix_ms)) = end.await else { continue };
+        let outcome = met(matches!(outcome, Ok(Outcome::Published(_))), ended_unix_ms, deadline);
+        match outcome {
+            "failed" => failed += 1,
+            "late" => (published, late) = (published + 1, late + 1),
+            _ => published += 1,
         }
+        metrics::handle().count(metrics::SPOT_FINAL_CHECKPOINTS, &[("outcome", outcome)], 1);
     }
     let done = crate::util::time::now_ms();
     let in_time = deadline.is_none_or(|d| done <= d);
-    tracing::info!(target: "arch::spot", started, published, fired_unix_ms = fired.fired_unix_ms,
+    tracing::info!(target: "arch::spot", started, published, late, failed, fired_unix_ms = fired.fired_unix_ms,
         done_unix_ms = done, notice_time_unix_ms = deadline, in_time, "final checkpoints done");
+}
+
+/// How one final checkpoint met its notice: `in_time` (published by the
+/// notice's time, or the notice had no time to meet), `late` (published
+/// after it) or `failed` (nothing published).
+fn met(published: bool, ended_unix_ms: u64, deadline: Option<u64>) -> &'static str {
+    match (published, deadline) {
+        (false, _) => "failed",
+        (true, Some(d)) if ended_unix_ms > d => "late",
+        (true, _) => "in_time",
+    }
 }
 
 async fn recommendation(checkpointer: &Checkpointer, handled: &mut Handled, notice: Rebalance) {
@@ -200,4 +221,18 @@ async fn recommendation(checkpointer: &Checkpointer, handled: &mut Handled, noti
 async fn candidates(checkpointer: &Checkpointer) -> Vec<Candidate> {
     let checkpointer = checkpointer.clone();
     tokio::task::spawn_blocking(move || checkpointer.candidates()).await.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_final_checkpoint_is_in_time_late_or_failed() {
+        assert_eq!(met(true, 1_000, Some(1_000)), "in_time");
+        assert_eq!(met(true, 1_001, Some(1_000)), "late");
+        assert_eq!(met(true, 5_000, None), "in_time");
+        assert_eq!(met(false, 10, Some(1_000)), "failed");
+        assert_eq!(met(false, 10, None), "failed");
+    }
 }
