@@ -21,7 +21,8 @@
 #                checkpoint --export F --compress zstd` and `podman container
 #                restore --import F` of the same workload (an image imported
 #                from the same files).
-# The incremental, freeze and restore rows use $ARCH_BENCH_MODE (default basic).
+# The incremental, freeze and restore rows are measured in each of
+# $ARCH_BENCH_MODES (default: basic network-fs).
 # Every figure is the median of $REPEAT runs (default 3); the page cache is
 # flushed (`sync`) before each timed step. Results go to
 # target/bench/incremental.md. Needs root. Not a test.
@@ -32,7 +33,7 @@ read -r -a sizes <<<"${sizes[*]}"
 read -r -a podman_sizes <<<"${PODMAN_SIZES-64 512 2048}"
 repeat=${REPEAT:-3}
 layer_mib=${LAYER_MIB:-1024}
-mode=${ARCH_BENCH_MODE:-basic}
+read -r -a modes <<<"${ARCH_BENCH_MODES:-basic network-fs}"
 # The comparison needs Podman (setup.sh does not install it: the suite does not use it).
 if [ "${#podman_sizes[@]}" -gt 0 ] && ! command -v podman >/dev/null; then
   apt-get install -y -q --no-install-recommends podman >/dev/null
@@ -95,25 +96,27 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 for mem in "${sizes[@]}"; do
   for r in $(seq "$repeat"); do
     # --- incremental, freeze, restore: gen 1, a step, gen 2, restore of gen 2 ---
-    for storage in chunks files; do
-      use_config "$storage" "$mode"
-      n=$((n + 1)); id=i$n; key=inc-$storage-$n
-      b=$(bundle "$id" "$mem" "$layer_mib" "$key"); run_arch "$id" "$b"; wait_ready "$b"
-      sync; t0=$(seconds); checkpoint --leave-running "$id"; t1=$(seconds)
-      g1_s=$(elapsed "$t0" "$t1"); g1_bytes=$(written "$storage" "$key"); g1_freeze=$(meta "$key" phases_ms.freeze)
-      phases "$storage gen 1 ($mem MiB, run $r)" "$key"
-      step "$b"
-      sync; t0=$(seconds); checkpoint --leave-running "$id"; t1=$(seconds)
-      g2_s=$(elapsed "$t0" "$t1"); g2_bytes=$(written "$storage" "$key"); g2_freeze=$(meta "$key" phases_ms.freeze)
-      phases "$storage gen 2 ($mem MiB, run $r)" "$key"
-      g2_name=$(basename "$(newest_gen "$key")")
-      drop "$id"; unbundle "$id"
-      b=$(bundle "${id}r" "$mem" "$layer_mib" "$key")
-      sync; t0=$(seconds); run_arch "${id}r" "$b"; t1=$(seconds)
-      restored "${id}r" "$key/$g2_name"; rs_s=$(elapsed "$t0" "$t1"); drop "${id}r"; unbundle "${id}r"
-      rm -rf "${ckroot:?}/$key"
-      record "{\"kind\": \"inc\", \"mem\": $mem, \"storage\": \"$storage\", \"g1_s\": $g1_s, \"g1_bytes\": $g1_bytes, \"g1_freeze_ms\": $g1_freeze, \"g2_s\": $g2_s, \"g2_bytes\": $g2_bytes, \"g2_freeze_ms\": $g2_freeze, \"restore_s\": $rs_s}"
-      echo "  $storage, $mem MiB, run $r: gen 1 ${g1_s} s, $g1_bytes B; gen 2 ${g2_s} s, $g2_bytes B, frozen $g2_freeze ms; restore ${rs_s} s" >&2
+    for mode in "${modes[@]}"; do
+      for storage in chunks files; do
+        use_config "$storage" "$mode"
+        n=$((n + 1)); id=i$n; key=inc-$storage-$n
+        b=$(bundle "$id" "$mem" "$layer_mib" "$key"); run_arch "$id" "$b"; wait_ready "$b"
+        sync; t0=$(seconds); checkpoint --leave-running "$id"; t1=$(seconds)
+        g1_s=$(elapsed "$t0" "$t1"); g1_bytes=$(written "$storage" "$key"); g1_freeze=$(meta "$key" phases_ms.freeze)
+        phases "$storage gen 1 ($mem MiB, run $r)" "$key"
+        step "$b"
+        sync; t0=$(seconds); checkpoint --leave-running "$id"; t1=$(seconds)
+        g2_s=$(elapsed "$t0" "$t1"); g2_bytes=$(written "$storage" "$key"); g2_freeze=$(meta "$key" phases_ms.freeze)
+        phases "$storage gen 2 ($mem MiB, run $r)" "$key"
+        g2_name=$(basename "$(newest_gen "$key")")
+        drop "$id"; unbundle "$id"
+        b=$(bundle "${id}r" "$mem" "$layer_mib" "$key")
+        sync; t0=$(seconds); run_arch "${id}r" "$b"; t1=$(seconds)
+        restored "${id}r" "$key/$g2_name"; rs_s=$(elapsed "$t0" "$t1"); drop "${id}r"; unbundle "${id}r"
+        rm -rf "${ckroot:?}/$key"
+        record "{\"kind\": \"inc\", \"mem\": $mem, \"mode\": \"$mode\", \"storage\": \"$storage\", \"g1_s\": $g1_s, \"g1_bytes\": $g1_bytes, \"g1_freeze_ms\": $g1_freeze, \"g2_s\": $g2_s, \"g2_bytes\": $g2_bytes, \"g2_freeze_ms\": $g2_freeze, \"restore_s\": $rs_s}"
+        echo "  $storage $mode, $mem MiB, run $r: gen 1 ${g1_s} s, $g1_bytes B; gen 2 ${g2_s} s, $g2_bytes B, frozen $g2_freeze ms; restore ${rs_s} s" >&2
+      done
     done
     # plain freeze: the same container, stepped, `runc checkpoint --leave-running` alone
     n=$((n + 1)); id=p$n; img=$work/plain-$n
@@ -126,7 +129,7 @@ for mem in "${sizes[@]}"; do
     record "{\"kind\": \"plain-freeze\", \"mem\": $mem, \"secs\": $(elapsed "$t0" "$t1")}"
 
     # --- first checkpoint, the container stops: chunks vs files (Basic), chunks (Network FS) ---
-    for cfg in "chunks basic" "files basic" "chunks network-fs"; do
+    for cfg in "chunks basic" "files basic" "chunks network-fs" "files network-fs"; do
       read -r storage m <<<"$cfg"
       use_config "$storage" "$m"
       n=$((n + 1)); id=f$n; key=first-$n
@@ -220,11 +223,11 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 versions="$("$runc" --version | head -1); CRIU $(criu --version | sed -n 's/^Version: //p')"
 if command -v podman >/dev/null; then versions="$versions; $(podman --version)"; fi
 printf '%s' "$podman_error" >"$work/podman-error"
-python3 - "$runs" "$layer_mib" "$repeat" "$mode" "$(nproc)" "$load_start" "$load_end" "$versions" \
+python3 - "$runs" "$layer_mib" "$repeat" "${modes[*]}" "$(nproc)" "$load_start" "$load_end" "$versions" \
   "$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$work/podman-error" <<'PY' | tee "$repo/target/bench/incremental.md"
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-layer, repeat, mode, cores, load_start, load_end, versions, commit = sys.argv[2:10]
+layer, repeat, modes, cores, load_start, load_end, versions, commit = sys.argv[2:10]
 podman_error = open(sys.argv[10]).read().strip()
 
 def med(xs):
@@ -239,36 +242,38 @@ def verdict(ratio, target):
     return "met" if ratio <= target else "**not met**"
 mems = lambda kind: sorted({r["mem"] for r in runs if r["kind"] == kind})
 
-print(f"### Second checkpoint (`--leave-running`, after a step), {mode} mode")
-print()
-print("| memory | storage | gen 1 time | gen 1 written | gen 2 time | gen 2 written "
-      "| gen 2 / gen 1 written (target ≤ 15%) | gen 2 / gen 1 time (target ≤ 50%) |")
-print("|---|---|---|---|---|---|---|---|")
-for m in mems("inc"):
-    for s in ("chunks", "files"):
-        g1s, g1b, g2s, g2b = (pick("inc", m, f, storage=s) for f in ("g1_s", "g1_bytes", "g2_s", "g2_bytes"))
-        wr, tr = g2b / g1b, g2s / g1s
-        tail = f"{wr:.1%} ({verdict(wr, 0.15)}) | {tr:.0%} ({verdict(tr, 0.50)})" if s == "chunks" else f"{wr:.0%} | {tr:.0%}"
-        print(f"| {m} MiB | {s} | {g1s:.2f} s | {mib(g1b)} | {g2s:.2f} s | {mib(g2b)} | {tail} |")
-print()
-print("### Frozen time of gen 2 and its restore")
-print()
-print("| memory | chunks: gen 2 frozen | files: gen 2 frozen | `runc checkpoint --leave-running` alone "
-      "| chunks / runc (target ≤ 1.10x) | restore of gen 2, chunks | same, files | chunks / files (target ≤ 1.10x) |")
-print("|---|---|---|---|---|---|---|---|")
-for m in mems("inc"):
-    fc, ff = (pick("inc", m, "g2_freeze_ms", storage=s) / 1000 for s in ("chunks", "files"))
-    fp = pick("plain-freeze", m, "secs")
-    rc, rf = (pick("inc", m, "restore_s", storage=s) for s in ("chunks", "files"))
-    print(f"| {m} MiB | {fc:.2f} s | {ff:.2f} s | {fp:.2f} s | {fc / fp:.2f}x ({verdict(fc / fp, 1.10)}) "
-          f"| {rc:.2f} s | {rf:.2f} s | {rc / rf:.2f}x ({verdict(rc / rf, 1.10)}) |")
-print()
+for mode in modes.split():
+    print(f"### Second checkpoint (`--leave-running`, after a step), {mode} mode")
+    print()
+    print("| memory | storage | gen 1 time | gen 1 written | gen 2 time | gen 2 written "
+          "| gen 2 / gen 1 written (target ≤ 15%) | gen 2 / gen 1 time (target ≤ 50%) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in mems("inc"):
+        for s in ("chunks", "files"):
+            g1s, g1b, g2s, g2b = (pick("inc", m, f, storage=s, mode=mode) for f in ("g1_s", "g1_bytes", "g2_s", "g2_bytes"))
+            wr, tr = g2b / g1b, g2s / g1s
+            tail = f"{wr:.1%} ({verdict(wr, 0.15)}) | {tr:.0%} ({verdict(tr, 0.50)})" if s == "chunks" else f"{wr:.0%} | {tr:.0%}"
+            print(f"| {m} MiB | {s} | {g1s:.2f} s | {mib(g1b)} | {g2s:.2f} s | {mib(g2b)} | {tail} |")
+    print()
+    print(f"### Frozen time of gen 2 and its restore, {mode} mode")
+    print()
+    print("| memory | chunks: gen 2 frozen | files: gen 2 frozen | `runc checkpoint --leave-running` alone "
+          "| chunks / runc (target ≤ 1.10x) | restore of gen 2, chunks | same, files | chunks / files (target ≤ 1.10x) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in mems("inc"):
+        fc, ff = (pick("inc", m, "g2_freeze_ms", storage=s, mode=mode) / 1000 for s in ("chunks", "files"))
+        fp = pick("plain-freeze", m, "secs")
+        rc, rf = (pick("inc", m, "restore_s", storage=s, mode=mode) for s in ("chunks", "files"))
+        print(f"| {m} MiB | {fc:.2f} s | {ff:.2f} s | {fp:.2f} s | {fc / fp:.2f}x ({verdict(fc / fp, 1.10)}) "
+              f"| {rc:.2f} s | {rf:.2f} s | {rc / rf:.2f}x ({verdict(rc / rf, 1.10)}) |")
+    print()
 print("### First checkpoint (the container stops; nothing to share)")
 print()
 print("| memory | mode | chunks | written | against | its time | written | chunks / it (target ≤ 1.10x) |")
 print("|---|---|---|---|---|---|---|---|")
 for m in mems("first"):
     for md, other, label in (("basic", "files basic", "files storage"),
+                             ("network-fs", "files network-fs", "files storage"),
                              ("network-fs", "plain", "`runc checkpoint` + tar\\|zstd + `sync -f`")):
         cs, cb = (pick("first", m, f, what=f"chunks {md}") for f in ("secs", "bytes"))
         os_, ob = (pick("first", m, f, what=other) for f in ("secs", "bytes"))
