@@ -107,6 +107,14 @@ pub const TRIGGER_TO_PUBLISH: Family =
     histogram("arch_trigger_to_publish_seconds", "From a trigger firing to its generation's publication, by trigger.");
 pub const SPOT_NOTICES: Family =
     counter("arch_spot_notices_total", "Spot notices seen by archctl watch, by notice (interruption, rebalance).");
+pub const FLEET_EVENTS_SHIPPED: Family =
+    counter("arch_fleet_events_shipped_total", "Fleet events DynamoDB acknowledged (archctl watch's shipper).");
+pub const FLEET_EVENTS_DROPPED: Family = counter(
+    "arch_fleet_events_dropped_total",
+    "Fleet events lost before shipping: full (the outbox's bound), error (not written), unreadable (a torn line).",
+);
+pub const FLEET_SHIP_FAILURES: Family =
+    counter("arch_fleet_ship_failures_total", "Shipping rounds that stopped on a failure, by reason.");
 
 /// Every family, in the order of the Prometheus exposition.
 pub const FAMILIES: &[Family] = &[
@@ -142,6 +150,9 @@ pub const FAMILIES: &[Family] = &[
     TRIGGER_FAILURES,
     TRIGGER_TO_PUBLISH,
     SPOT_NOTICES,
+    FLEET_EVENTS_SHIPPED,
+    FLEET_EVENTS_DROPPED,
+    FLEET_SHIP_FAILURES,
 ];
 
 #[cfg(test)]
