@@ -309,6 +309,27 @@ mod tests {
         assert_eq!(newest.events.last().unwrap().key.as_deref(), Some("ns/job1999"), "the newest stayed");
     }
 
+    /// What one append costs in-process (`cargo test --release --lib append_cost -- --ignored
+    /// --nocapture`; docs/performance.md): one event per arch-runc call.
+    #[test]
+    #[ignore]
+    fn append_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::at(dir.path(), 1 << 30);
+        let mut e = event(1).generation("1790000000000-abcdef");
+        (e.images_bytes, e.rootfs_bytes, e.written_bytes, e.duration_ms) =
+            (Some(1 << 30), Some(1 << 20), Some(1 << 22), Some(1234));
+        let e = e.detail("incomplete: runc checkpoint left no dump log");
+        outbox.append(&e).unwrap();
+        let n = 20_000;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            outbox.append(&e).unwrap();
+        }
+        let per = started.elapsed() / n;
+        println!("append: {per:?} per event ({} bytes a line)", serde_json::to_vec(&e).unwrap().len() + 1);
+    }
+
     #[test]
     fn a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
