@@ -439,6 +439,8 @@ fn concurrent_arch_runc_processes_append_every_event_once() {
         let ids: Vec<String> = (0..20).map(|i| format!("c{round}-{i}")).collect();
         checkpoint_calls(&inst, &bundle, &ids);
     }
+    let status: serde_json::Value = serde_json::from_str(&ok(&archctl(&inst, &["fleet", "status", "--json"]))).unwrap();
+    assert_eq!(status["pending"], 40, "{status}");
     let outbox = outbox(&inst);
     outbox.seal_current().unwrap();
     let mut keys = Vec::new();
