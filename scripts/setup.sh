@@ -6,7 +6,9 @@
 #                       is there) and the demo's test image (busybox-static, python3)
 #   setup.sh --test     also what the test suite needs: hyperfine, promtool, python3's
 #                       Prometheus parser, debootstrap (fresh-root checks), cargo-deb,
-#                       docker.io (the Docker system tests run private dockerds of their own)
+#                       docker.io (the Docker system tests run private dockerds of their own),
+#                       and moto's DynamoDB-compatible server from PyPI in a venv of its own at
+#                       /opt/arch-test/moto (the fleet tests start it: tests/process/fleet.rs)
 #   setup.sh --list     prints every Debian package setup.sh may install, one per line, and exits
 #
 # Works with either apt source layout Debian 12 ships: deb822 (sources.list.d/debian.sources,
@@ -23,11 +25,16 @@ PKGS_DEMO=(busybox-static python3)
 # docker.io: on a systemd machine its install starts the system's dockerd (on the system
 # containerd, /var/lib/docker, /run/docker). The tests never use it: their engines have their
 # own data-root, exec-root, socket and containerd, and call /usr/bin/docker with that socket.
-PKGS_TEST=(hyperfine python3-prometheus-client debootstrap docker.io)
+# python3-venv and ca-certificates: the venv moto is installed into, from PyPI over TLS.
+PKGS_TEST=(hyperfine python3-prometheus-client debootstrap docker.io python3-venv ca-certificates)
 # promtool comes out of this package's .deb without installing the package: installing it
 # would start (and on systemd enable) a Prometheus server just to get a checker.
 PKG_PROMTOOL=prometheus
 PKG_CRIU=criu # from trixie
+# moto's server plays DynamoDB in the fleet tests; pinned to a major version, in its own venv
+# (Debian's python3 refuses pip installs into the system; the tests call it by this path).
+MOTO_VENV=/opt/arch-test/moto
+MOTO_REQ='moto[server]>=5,<6'
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -130,6 +137,14 @@ fi
 if [ "$mode" = test ] && ! command -v cargo-deb >/dev/null 2>&1; then
   say "installing cargo-deb (builds the Debian package)"
   cargo install --locked --quiet cargo-deb@3 || die "cargo install cargo-deb failed"
+fi
+
+if [ "$mode" = test ] && ! "$MOTO_VENV/bin/python" -c 'import moto.server' >/dev/null 2>&1; then
+  say "installing moto's server (PyPI) into $MOTO_VENV"
+  /usr/bin/python3 -m venv "$MOTO_VENV" || die "python3 -m venv $MOTO_VENV failed"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_REQ" ||
+    die "pip install $MOTO_REQ into $MOTO_VENV failed"
+  "$MOTO_VENV/bin/python" -c 'import moto.server' || die "moto's server does not import in $MOTO_VENV"
 fi
 
 # CRIU must work on this kernel, or no checkpoint will.

@@ -130,6 +130,8 @@ sets_up() {
   check "$layout: build tools (musl-gcc, protoc, gcc)" in_root "$name" sh -c 'musl-gcc --version && protoc --version && gcc --version'
   check "$layout: test tools (busybox, zstd, hyperfine, promtool, prometheus_client, debootstrap)" in_root "$name" \
     sh -c '[ -x /bin/busybox ] && zstd --version && hyperfine --version && promtool --version && python3 -c "import prometheus_client" && command -v debootstrap'
+  check "$layout: moto's server for the fleet tests" in_root "$name" \
+    sh -c '/opt/arch-test/moto/bin/python -c "import moto.server" && [ -x /opt/arch-test/moto/bin/moto_server ]'
   check "$layout: docker.io (dockerd in sbin, Debian's docker client)" in_root "$name" \
     sh -c '[ -x /usr/sbin/dockerd ] && /usr/bin/docker --version | grep -q "^Docker version 20\."'
   check "$layout: trixie is pinned low (bookworm's bash stays the candidate)" in_root "$name" \

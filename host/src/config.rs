@@ -117,6 +117,22 @@ pub struct Config {
     /// A chunk no generation lists is removed by gc only once it is this old
     /// (a checkpoint in flight on any machine refreshes every chunk it uses).
     pub chunk_gc_grace_secs: u64,
+    /// The fleet catalog's DynamoDB table; unset: no catalog (arch-runc then
+    /// writes no events at all).
+    pub fleet_table: Option<String>,
+    /// Its AWS region (unset: `AWS_REGION`, the profile, instance metadata).
+    pub fleet_region: Option<String>,
+    /// Another DynamoDB endpoint than AWS's, for tests and DynamoDB Local.
+    pub fleet_endpoint: Option<String>,
+    /// This machine's name in the catalog (unset: its hostname).
+    pub fleet_node: Option<String>,
+    /// The bound of the local outbox events wait in for `archctl watch` to
+    /// ship them; when full, the oldest go (and are counted).
+    pub fleet_outbox_bytes: u64,
+    /// How long DynamoDB keeps an event item (and a removed key's item).
+    pub fleet_event_ttl_days: u64,
+    /// Seconds between `archctl watch`'s shipping rounds.
+    pub fleet_ship_interval_secs: f64,
 }
 
 /// See [`Config::checkpoint_storage`].
@@ -169,6 +185,13 @@ impl Default for Config {
             chunk_cache_dir: None,
             chunk_cache_bytes: 4 << 30,
             chunk_gc_grace_secs: 3600,
+            fleet_table: None,
+            fleet_region: None,
+            fleet_endpoint: None,
+            fleet_node: None,
+            fleet_outbox_bytes: 16 << 20,
+            fleet_event_ttl_days: 30,
+            fleet_ship_interval_secs: 5.0,
         }
     }
 }

@@ -34,6 +34,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let started = Instant::now();
     let loaded = Config::load();
     metrics::init(&loaded.config);
+    crate::fleet::init(&loaded.config);
     let args: Vec<OsString> = argv.into_iter().skip(1).collect();
     let utf8: Option<Vec<String>> = args.iter().map(|a| a.clone().into_string().ok()).collect();
     let inv = argv::parse(utf8.as_deref().unwrap_or_default());

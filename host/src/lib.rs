@@ -12,6 +12,7 @@
 //! - checkpoints ARCH takes by itself (Spot notices, stops, intervals): [`triggers`];
 //! - what happens when a container ends: [`lifecycle`] (driven by `archctl watch`);
 //! - counters and durations: [`metrics`];
+//! - the fleet's DynamoDB catalog (an outbox here, shipped by `archctl watch`): [`fleet`];
 //! - plumbing with no ARCH domain in it (files, locks, time): [`util`].
 
 pub mod archctl;
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod container;
 pub mod dispatch;
+pub mod fleet;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -85,9 +85,30 @@ pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
     };
     metrics::handle().count(metrics::EXITS, &[("outcome", outcome)], 1);
     let status = ended.status.map_or("unknown".to_owned(), |s| s.to_string());
+    emit_exit(config, &record, &status, &exit.action);
     tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status,
         source = ended.source, action = %exit.action, "container ended");
     Ok(Outcome::Settled(exit))
+}
+
+/// The exit decision, for the fleet catalog: `removed`, `expiring`,
+/// `kept` or `nothing-to-remove`, with the exit status and the action.
+fn emit_exit(config: &Config, record: &Record, status: &str, action: &str) {
+    if !crate::fleet::enabled() {
+        return;
+    }
+    let outcome = match action {
+        "removed" => "removed",
+        "nothing to remove" => "nothing-to-remove",
+        a if a.starts_with("expires") => "expiring",
+        _ => "kept",
+    };
+    let key = key::locate(config, &record.namespace, &record.id, &record.facts).ok().map(|l| l.key);
+    crate::fleet::emit(|node| {
+        crate::fleet::Event::new(crate::fleet::EventKind::Exit, node, key.as_deref(), outcome)
+            .container(&record.namespace, &record.id)
+            .detail(&format!("exit status {status}: {action}"))
+    });
 }
 
 /// Writes the settled record back; an ended container's record has done its job and goes.

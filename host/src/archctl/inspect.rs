@@ -8,7 +8,20 @@ use crate::checkpoint::catalog::{self, GenerationInfo, Summary};
 use crate::config::Config;
 use anyhow::Context;
 
-pub fn run(config: &Config, args: KeyArgs) -> anyhow::Result<i32> {
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    key: KeyArgs,
+    /// The key as the fleet's DynamoDB table has it (every node's events), not this machine's roots.
+    #[arg(long)]
+    fleet: bool,
+}
+
+pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
+    if args.fleet {
+        return super::fleet::inspect(config, &args.key.key, args.key.json);
+    }
+    let args = args.key;
     let locations = args.locate(config)?;
     let mut summaries = Vec::new();
     for location in &locations {

@@ -9,9 +9,15 @@ use anyhow::Context;
 pub struct Args {
     #[arg(long)]
     json: bool,
+    /// Every key in the fleet's DynamoDB table (all nodes), not this machine's roots.
+    #[arg(long)]
+    fleet: bool,
 }
 
 pub fn run(config: &Config, args: Args) -> anyhow::Result<i32> {
+    if args.fleet {
+        return super::fleet::list(config, args.json);
+    }
     let mut summaries = Vec::new();
     for location in catalog::keys(config).context("listing checkpoint keys")? {
         summaries.push(catalog::summarize(&location, config).with_context(|| format!("reading key {}", location.key))?);

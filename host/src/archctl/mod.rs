@@ -6,6 +6,7 @@
 //! (including a refused host config),
 //! 6 containerd unreachable.
 
+pub mod fleet;
 pub mod gc;
 pub mod inspect;
 pub mod list;
@@ -32,7 +33,7 @@ pub enum Command {
     /// Checkpoint keys under the configured roots: generations, size, age, status.
     List(list::Args),
     /// One key in detail: every generation's metadata, phases and validation.
-    Inspect(KeyArgs),
+    Inspect(inspect::Args),
     /// Reads every archive of a key's (or every key's) generations through.
     Validate(validate::Args),
     /// Removes a key's checkpoints.
@@ -43,6 +44,9 @@ pub enum Command {
     Metrics(metrics::Args),
     /// Follows containerd's events and applies the checkpoint lifecycle policy.
     Watch(watch::Args),
+    /// The fleet catalog in DynamoDB: create its table, ship the outbox, see what waits.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Handler modules: which one serves each subcommand.
     #[command(subcommand)]
     Modules(modules::ModulesCommand),
@@ -156,6 +160,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let config = &loaded.config;
     crate::metrics::init(config);
+    crate::fleet::init(config);
     match cli.command {
         Command::List(args) => list::run(config, args),
         Command::Inspect(args) => inspect::run(config, args),
@@ -165,6 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Metrics(args) => metrics::run(config, args),
         Command::Watch(args) => watch::run(config, args),
         Command::Modules(cmd) => modules::run(config, cmd),
+        Command::Fleet(cmd) => fleet::run(config, cmd),
         Command::Completions { .. } => unreachable!("answered before the config is read"),
     }
 }

@@ -71,6 +71,7 @@ async fn watch(config: &Config, args: Args) -> anyhow::Result<i32> {
     }
     if !args.once {
         start_triggers(config);
+        super::fleet::start_shipper(config);
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

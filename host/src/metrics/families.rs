@@ -168,6 +168,16 @@ pub const SPOT_FINAL_CHECKPOINTS: Family = counter(
     "Final checkpoints taken at a Spot interruption notice, by outcome (in_time, late, failed).",
 )
 .labels(&["outcome"]);
+pub const FLEET_EVENTS_SHIPPED: Family =
+    counter("arch_fleet_events_shipped_total", "Fleet events DynamoDB acknowledged (archctl watch's shipper).");
+pub const FLEET_EVENTS_DROPPED: Family = counter(
+    "arch_fleet_events_dropped_total",
+    "Fleet events lost before shipping: full (the outbox's bound), error (not written), unreadable (a torn line).",
+)
+.labels(&["reason"]);
+pub const FLEET_SHIP_FAILURES: Family =
+    counter("arch_fleet_ship_failures_total", "Shipping rounds that stopped on a failure, by reason.")
+        .labels(&["reason"]);
 
 /// Every family, in the order of the Prometheus exposition.
 pub const FAMILIES: &[Family] = &[
@@ -204,6 +214,9 @@ pub const FAMILIES: &[Family] = &[
     TRIGGER_TO_PUBLISH,
     SPOT_NOTICES,
     SPOT_FINAL_CHECKPOINTS,
+    FLEET_EVENTS_SHIPPED,
+    FLEET_EVENTS_DROPPED,
+    FLEET_SHIP_FAILURES,
 ];
 
 #[cfg(test)]

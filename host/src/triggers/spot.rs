@@ -148,6 +148,10 @@ async fn interruption(checkpointer: &Checkpointer, handled: &mut Handled, notice
         tracing::warn!(target: "arch::spot", action = notice.action, time = notice.time,
             ms_left = at.map(|t| t as i64 - now as i64), "Spot interruption notice");
         metrics::handle().count(metrics::SPOT_NOTICES, &[("notice", "interruption")], 1);
+        crate::fleet::emit(|node| {
+            crate::fleet::Event::new(crate::fleet::EventKind::SpotNotice, node, None, "interruption")
+                .detail(&format!("{} at {}", notice.action, notice.time))
+        });
     }
     let fired =
         Trigger { kind: Kind::SpotInterruption, fired_unix_ms: handled.interruption_seen_unix_ms.unwrap_or(now) };
@@ -212,6 +216,10 @@ async fn recommendation(checkpointer: &Checkpointer, handled: &mut Handled, noti
     tracing::warn!(target: "arch::spot", notice_time = notice.notice_time, containers = candidates.len(),
         "Spot rebalance recommendation: checkpointing every running ARCH container");
     metrics::handle().count(metrics::SPOT_NOTICES, &[("notice", "rebalance")], 1);
+    crate::fleet::emit(|node| {
+        crate::fleet::Event::new(crate::fleet::EventKind::SpotNotice, node, None, "rebalance")
+            .detail(&format!("rebalance recommended at {}", notice.notice_time))
+    });
     let fired = Trigger::now(Kind::SpotRebalance);
     for c in candidates {
         checkpointer.start(c, fired, true, IfBusy::Skip);

@@ -7,6 +7,7 @@ use crate::argv::Invocation;
 use crate::checkpoint;
 use crate::config::Config;
 use crate::container::{BundleFacts, Record, Records};
+use crate::fleet::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::runc::Runc;
 use crate::triggers::{Kind, Trigger};
@@ -112,6 +113,23 @@ impl CallContext {
     pub fn with_runner(mut self, runner: Box<dyn RuncRunner>) -> Self {
         self.runner = runner;
         self
+    }
+
+    /// Records a fleet event about this container (nothing, and no cost,
+    /// unless the fleet table is configured). `make` gets a maker of the
+    /// event of a kind and outcome, with the key and container filled in.
+    pub(super) fn emit(&self, make: impl FnOnce(&dyn Fn(EventKind, &str) -> Event) -> Event) {
+        if !crate::fleet::enabled() {
+            return;
+        }
+        let key =
+            checkpoint::key::locate(&self.config, &self.namespace, self.scope.id(), &self.facts).ok().map(|l| l.key);
+        crate::fleet::emit(|node| {
+            let base = |kind, outcome: &str| {
+                Event::new(kind, node, key.as_deref(), outcome).container(&self.namespace, self.scope.id())
+            };
+            make(&base)
+        });
     }
 
     /// The container the call is about.

@@ -126,7 +126,13 @@ impl Runtime {
         let result = self.run(&mut store, component, limits.fuel);
         let ctx = store.into_data().ctx;
         if let (Ok(decision), true) = (&result, ctx.is_create()) {
-            ctx.outcomes.settle(&ctx.metrics, decision);
+            if let Some(outcome) = ctx.outcomes.settle(&ctx.metrics, decision) {
+                let detail = match decision {
+                    Decision::Fail(why) => why.clone(),
+                    _ => "no generation restored: runc creates the container".into(),
+                };
+                ctx.emit(|e| e(crate::fleet::EventKind::Fallback, outcome).detail(&detail));
+            }
         }
         (result, ctx)
     }

@@ -111,23 +111,29 @@ impl Outcomes {
         metrics.count(QUARANTINES, &[], 1);
     }
 
-    /// Counts what a `create` came to, once its module has decided.
-    pub fn settle(&self, metrics: &Metrics, decision: &Decision) {
+    /// Counts what a `create` came to, once its module has decided; returns
+    /// the fallback's outcome (`fresh` or `fail`) if there was one.
+    pub fn settle(&self, metrics: &Metrics, decision: &Decision) -> Option<&'static str> {
         let position = |name: &str| self.listed.iter().flatten().position(|(n, _)| n == name);
         let newer_than_restored = self.restored.as_deref().and_then(position).unwrap_or(usize::MAX);
         let invalid = self.listed.iter().flatten().take(newer_than_restored).filter(|(_, valid)| !valid).count() as u64;
         let tried = self.restores_tried > 0 || invalid > 0;
         let runc_creates = matches!(decision, Decision::PassThrough | Decision::ExecRunc(_));
         let mut figures = Vec::new();
+        let mut fallback = None;
         if invalid > 0 {
             figures.push((GENERATIONS_SKIPPED, &[("reason", "invalid")][..], Value::Count(invalid)));
         }
         if tried && self.restored.is_none() {
-            match decision {
-                Decision::Fail(_) => figures.push((RESTORE_FALLBACKS, &[("outcome", "fail")], Value::Count(1))),
-                _ if runc_creates => figures.push((RESTORE_FALLBACKS, &[("outcome", "fresh")], Value::Count(1))),
-                _ => {}
-            }
+            fallback = match decision {
+                Decision::Fail(_) => Some("fail"),
+                _ if runc_creates => Some("fresh"),
+                _ => None,
+            };
+        }
+        let outcome_labels = fallback.map(|outcome| [("outcome", outcome)]);
+        if let Some(labels) = &outcome_labels {
+            figures.push((RESTORE_FALLBACKS, &labels[..], Value::Count(1)));
         }
         if runc_creates && self.restored.is_none() && !self.key_refused {
             figures.push((FRESH_STARTS, &[], Value::Count(1)));
@@ -135,6 +141,7 @@ impl Outcomes {
         if !figures.is_empty() {
             metrics.record(&figures);
         }
+        fallback
     }
 }
 

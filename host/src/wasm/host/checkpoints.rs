@@ -10,6 +10,7 @@ use super::super::{CallContext, HostState};
 use crate::argv::Invocation;
 use crate::checkpoint;
 use crate::checkpoint::metadata::{CriuOptions, Metadata};
+use crate::fleet::EventKind;
 
 /// A complete checkpoint, as a module asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +65,16 @@ pub enum TakeFailure {
     Incomplete(String),
 }
 
+impl std::fmt::Display for TakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TakeFailure::NotRun(why) => write!(f, "not run: {why}"),
+            TakeFailure::Runc(status) => write!(f, "runc checkpoint exited {status}"),
+            TakeFailure::Incomplete(why) => write!(f, "incomplete: {why}"),
+        }
+    }
+}
+
 impl TakeFailure {
     /// The `reason` label of `arch_checkpoint_failures_total`.
     pub fn reason(&self) -> &'static str {
@@ -93,8 +104,26 @@ fn key(ctx: &mut CallContext) -> Result<String, String> {
 /// Takes a checkpoint with `options` (or fails as not run for why they are
 /// refused), and counts it.
 fn take(ctx: &mut CallContext, options: Result<Options, String>) -> Result<Metadata, TakeFailure> {
+    let started = std::time::Instant::now();
     let result = options.map_err(TakeFailure::NotRun).and_then(|options| take_checkpoint(ctx, options));
     Outcomes::checkpoint(&ctx.metrics, ctx.trigger, result.as_ref());
+    ctx.emit(|e| {
+        let mut e = e(EventKind::Checkpoint, if result.is_ok() { "success" } else { "" });
+        e.trigger = Some(ctx.trigger.kind.name().to_owned());
+        e.duration_ms = Some(crate::util::time::ms_since(started));
+        match &result {
+            Ok(meta) => {
+                e.images_bytes = Some(meta.images_bytes);
+                e.rootfs_bytes = meta.rootfs_archive_bytes;
+                e.written_bytes = meta.written_bytes;
+                e.generation(&meta.name)
+            }
+            Err(failure) => {
+                e.outcome = failure.reason().to_owned();
+                e.detail(&failure.to_string())
+            }
+        }
+    });
     result
 }
 
@@ -163,6 +192,13 @@ fn restore(ctx: &mut CallContext, name: &str) -> Result<i32, String> {
     }
     let result = restore_now(ctx, name);
     ctx.outcomes.restore(&ctx.metrics, name, &result);
+    ctx.emit(|e| match &result {
+        Ok(0) => e(EventKind::Restore, "success").generation(name),
+        Ok(status) => {
+            e(EventKind::Restore, "failure").generation(name).detail(&format!("runc restore exited {status}"))
+        }
+        Err(why) => e(EventKind::Restore, "failure").generation(name).detail(why),
+    });
     if result == Ok(0) {
         let recorded = ctx.update_record(|r| {
             r.notes.insert(facts::RESTORED_FROM.to_owned(), name.to_owned());
@@ -204,6 +240,7 @@ fn quarantine(ctx: &mut CallContext, name: &str, reason: &str) -> Result<(), Str
     let result = checkpoint::quarantine(&location, name, reason).map_err(|e| e.to_string());
     if result.is_ok() {
         Outcomes::quarantined(&ctx.metrics);
+        ctx.emit(|e| e(EventKind::Quarantine, "quarantined").generation(name).detail(reason));
     }
     result
 }

@@ -1,0 +1,501 @@
+//! The fleet catalog against a real DynamoDB-compatible server: moto's
+//! (`moto_server`, installed by `scripts/setup.sh --test` into
+//! /opt/arch-test/moto), started by each test on a free port. Real arch-runc
+//! processes (with a fake runc) append to the outbox; real archctl processes
+//! ship it (`fleet ship`, and `watch`'s shipper); items are read back with
+//! the AWS SDK. Throttling and refused credentials come from a small proxy
+//! in front of moto that answers as DynamoDB does (moto does neither on its
+//! own).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use arch::fleet::{Event, EventKind, Outbox};
+use arch_dynamodb::{Dynamo, Settings, Table, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+const TABLE: &str = "arch-fleet";
+const REGION: &str = "us-east-1";
+
+fn moto_server() -> PathBuf {
+    std::env::var_os("ARCH_MOTO_SERVER").map_or_else(|| "/opt/arch-test/moto/bin/moto_server".into(), PathBuf::from)
+}
+
+fn have_moto() -> bool {
+    require(moto_server().exists(), "moto's server at /opt/arch-test/moto (scripts/setup.sh --test)")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(port: u16, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// A moto server on `port`, stopped when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        Moto::on(free_port())
+    }
+
+    fn on(port: u16) -> Moto {
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server");
+        assert!(wait_listening(port, Duration::from_secs(30)), "moto_server did not listen on {port}");
+        Moto { child, port }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Static test credentials: the SDK's environment source.
+fn credentials(c: &mut Command) -> &mut Command {
+    c.env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+}
+
+fn fleet_instance(runc: &Path, endpoint: &str, extra: serde_json::Value) -> Instance {
+    let mut config = serde_json::json!({
+        "fleet_table": TABLE,
+        "fleet_region": REGION,
+        "fleet_endpoint": endpoint,
+        "fleet_node": "node-a",
+        "fleet_ship_interval_secs": 0.2,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    Instance::with(runc, config)
+}
+
+fn archctl(inst: &Instance, args: &[&str]) -> std::process::Output {
+    let mut c = inst.archctl();
+    credentials(&mut c).args(args).output().unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "status {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The table as the tests read it back: the SDK, with the same test credentials.
+fn sdk_table(endpoint: &str) -> Dynamo {
+    // Every test sets the same values: threads racing here change nothing.
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let settings = Settings { table: TABLE.into(), region: Some(REGION.into()), endpoint: Some(endpoint.into()) };
+    Dynamo::connect(&settings).unwrap()
+}
+
+fn outbox(inst: &Instance) -> Outbox {
+    Outbox::at(&inst.path("state/fleet-outbox"), 16 << 20)
+}
+
+/// Events of `keys` keys, as arch-runc would have appended them.
+fn queue(inst: &Instance, n: usize, keys: usize) {
+    let outbox = outbox(inst);
+    for i in 0..n {
+        let key = format!("default/job{}", i % keys);
+        let mut e = Event::new(EventKind::Checkpoint, "node-a", Some(&key), "success").generation(&format!("g{i:05}"));
+        e.images_bytes = Some(1000 + i as u64);
+        e.rootfs_bytes = Some(10);
+        outbox.append(&e).unwrap();
+    }
+}
+
+/// Event items under a key's partition.
+fn events_of(table: &Dynamo, key: &str) -> Vec<arch_dynamodb::Item> {
+    table.query(&format!("KEY#{key}"), false, 100_000).unwrap()
+}
+
+/// ARCH-enabled containers created through arch-runc (fake runc), each
+/// then checkpointed through arch-runc: the fake runc writes no images, so
+/// each checkpoint is a failed take, counted and recorded as a fleet event.
+fn checkpoint_calls(inst: &Instance, bundle: &Path, ids: &[String]) {
+    let run_all = |cmds: Vec<Command>| {
+        let children: Vec<Child> =
+            cmds.into_iter().map(|mut c| c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()).collect();
+        for mut child in children {
+            child.wait().unwrap();
+        }
+    };
+    run_all(
+        ids.iter()
+            .map(|id| {
+                let mut c = inst.arch_runc();
+                c.args(["create", "--bundle"]).arg(bundle).arg(id);
+                c
+            })
+            .collect(),
+    );
+    run_all(
+        ids.iter()
+            .map(|id| {
+                let mut c = inst.arch_runc();
+                c.args(["checkpoint", id]);
+                c
+            })
+            .collect(),
+    );
+}
+
+#[test]
+fn events_from_arch_runc_reach_the_table_and_archctl_reads_them_back() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let fake = tempfile::tempdir().unwrap();
+    let inst = fleet_instance(&fake_runc(fake.path()), &moto.endpoint(), serde_json::json!({}));
+    assert_eq!(ok(&archctl(&inst, &["fleet", "create-table"])).trim(), format!("{TABLE}: created"));
+    assert_eq!(ok(&archctl(&inst, &["fleet", "create-table"])).trim(), format!("{TABLE}: exists"));
+
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    checkpoint_calls(&inst, &bundle, &["c1".into(), "c2".into()]);
+    assert_eq!(outbox(&inst).pending().unwrap(), 2, "one event per checkpoint call");
+    // A success, a failed restore after it and a Spot notice, as the library appends them.
+    let outbox = outbox(&inst);
+    let mut taken = Event::new(EventKind::Checkpoint, "node-b", Some("default/job"), "success").generation("g7");
+    (taken.images_bytes, taken.rootfs_bytes, taken.written_bytes) = (Some(4096), Some(512), Some(100));
+    outbox.append(&taken).unwrap();
+    let mut failed = Event::new(EventKind::Restore, "node-a", Some("default/job"), "failure").generation("g7");
+    failed.at_ms = taken.at_ms + 1;
+    outbox.append(&failed.detail("runc restore exited 1")).unwrap();
+    outbox.append(&Event::new(EventKind::SpotNotice, "node-a", None, "interruption")).unwrap();
+
+    let shipped = ok(&archctl(&inst, &["fleet", "ship"]));
+    assert_eq!(shipped.trim(), "5 events shipped, 3 keys updated");
+    assert_eq!(outbox.pending().unwrap(), 0);
+
+    let table = sdk_table(&moto.endpoint());
+    let key = table.get("KEYS", "default/job").unwrap().expect("key item");
+    assert_eq!(key["generation"], Value::s("g7"));
+    assert_eq!(key["checkpoint_node"], Value::s("node-b"));
+    assert_eq!(key["images_bytes"].as_u64(), Some(4096));
+    assert_eq!(key["status"], Value::s("restore-failed"));
+    assert_eq!(key["node"], Value::s("node-a"));
+    let events = events_of(&table, "default/job");
+    assert_eq!(events.iter().map(|e| e["kind"].as_str().unwrap()).collect::<Vec<_>>(), ["checkpoint", "restore"]);
+    let ttl = events[0]["expires_at"].as_u64().unwrap();
+    assert_eq!(ttl, taken.at_ms / 1000 + 30 * 86_400, "TTL: fleet_event_ttl_days (30) after the event");
+    let c1 = events_of(&table, "default/c1");
+    assert_eq!(c1.len(), 1, "{c1:?}");
+    assert_eq!(c1[0]["kind"], Value::s("checkpoint"));
+    assert_ne!(c1[0]["outcome"], Value::s("success"));
+    assert_eq!(c1[0]["container"], Value::s("default/c1"));
+    assert_eq!(table.query("NODE#node-a", false, 10).unwrap().len(), 1, "the Spot notice is the node's");
+
+    let listed: serde_json::Value = serde_json::from_str(&ok(&archctl(&inst, &["list", "--fleet", "--json"]))).unwrap();
+    let keys: Vec<&str> = listed.as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["default/c1", "default/c2", "default/job"]);
+    let text = ok(&archctl(&inst, &["list", "--fleet"]));
+    assert!(
+        text.lines().any(|l| l.starts_with("default/job") && l.contains("g7") && l.contains("restore-failed")),
+        "{text}"
+    );
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok(&archctl(&inst, &["inspect", "--fleet", "default/job", "--json"]))).unwrap();
+    assert_eq!(inspected["key"]["generation"], "g7");
+    assert_eq!(inspected["events"][0]["kind"], "restore", "newest first");
+    assert_eq!(inspected["events"][0]["detail"], "runc restore exited 1");
+    let text = ok(&archctl(&inst, &["inspect", "--fleet", "default/job"]));
+    assert!(text.contains("runc restore exited 1"), "{text}");
+    let missing = archctl(&inst, &["inspect", "--fleet", "default/none"]);
+    assert_eq!(missing.status.code(), Some(3), "{}", String::from_utf8_lossy(&missing.stderr));
+}
+
+#[test]
+fn watch_ships_nothing_while_dynamodb_is_down_and_everything_once_it_is_up() {
+    if !have_moto() {
+        return;
+    }
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let inst = fleet_instance(Path::new("/bin/true"), &endpoint, serde_json::json!({}));
+    queue(&inst, 60, 4);
+    let watch = |inst: &Instance| {
+        let mut c = inst.archctl();
+        credentials(&mut c)
+            .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = watch(&inst);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(outbox(&inst).pending().unwrap(), 60, "nothing acknowledged, nothing removed");
+    let log = inst.log();
+    assert!(
+        log.iter().any(|l| l["message"] == "fleet events not shipped; retrying with backoff"
+            && l["error"].as_str().is_some_and(|e| e.contains("unreachable"))),
+        "{log:?}"
+    );
+    // The outbox outlives watch: a new one ships what the old one could not.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    first.wait().unwrap();
+    queue(&inst, 15, 4);
+    let moto = Moto::on(port);
+    ok(&archctl(&inst, &["fleet", "create-table"]));
+    let mut second = watch(&inst);
+    let table = sdk_table(&moto.endpoint());
+    let until = Instant::now() + Duration::from_secs(60);
+    let count = || (0..4).map(|k| events_of(&table, &format!("default/job{k}")).len()).sum::<usize>();
+    while count() < 75 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = second.kill();
+    second.wait().unwrap();
+    assert_eq!(count(), 75, "every event, once");
+    assert_eq!(outbox(&inst).pending().unwrap(), 0);
+    assert_eq!(table.get("KEYS", "default/job3").unwrap().unwrap()["generation"], Value::s("g00011"), "the newest");
+}
+
+/// A proxy in front of moto: the first `refuse` requests get DynamoDB's
+/// answer `error` (HTTP 400, as DynamoDB sends it); the rest are forwarded.
+struct Proxy {
+    port: u16,
+    refused: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn start(upstream: u16, refuse: usize, error: &'static str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let count = refused.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, upstream, &count, refuse, error);
+                });
+            }
+        });
+        Proxy { port, refused }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// One HTTP/1.1 request: its head (with `Connection: close` put in) and body.
+fn read_message(reader: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut head = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if !lower.starts_with("connection:") {
+            head.push_str(&line);
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Some((head, body)))
+}
+
+fn serve(conn: TcpStream, upstream: u16, count: &AtomicUsize, refuse: usize, error: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    while let Some((head, body)) = read_message(&mut reader)? {
+        if count.fetch_add(1, Ordering::SeqCst) < refuse {
+            let answer =
+                format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{error}","message":"refused by the test"}}"#);
+            write!(
+                conn,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\nx-amzn-RequestId: test\r\n\
+                 Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{answer}",
+                answer.len()
+            )?;
+            continue;
+        }
+        count.fetch_sub(1, Ordering::SeqCst);
+        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+        up.write_all(head.as_bytes())?;
+        up.write_all(&body)?;
+        let mut response = Vec::new();
+        up.read_to_end(&mut response)?;
+        conn.write_all(&response)?;
+        return Ok(());
+    }
+    Ok(())
+}
+
+#[test]
+fn throttling_is_retried_and_loses_nothing() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let inst = fleet_instance(Path::new("/bin/true"), &moto.endpoint(), serde_json::json!({}));
+    ok(&archctl(&inst, &["fleet", "create-table"]));
+    queue(&inst, 40, 2);
+    // The SDK tries a request 3 times: 5 refusals fail the first round, and
+    // the second gets through after 2 more.
+    let proxy = Proxy::start(moto.port, 5, "ProvisionedThroughputExceededException");
+    inst.configure(serde_json::json!({ "fleet_endpoint": proxy.endpoint() }));
+    let first = archctl(&inst, &["fleet", "ship"]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("throttled") && stderr.lines().count() == 1, "{stderr}");
+    assert_eq!(outbox(&inst).pending().unwrap(), 40);
+    assert_eq!(ok(&archctl(&inst, &["fleet", "ship"])).trim(), "40 events shipped, 2 keys updated");
+    assert_eq!(proxy.refused.load(Ordering::SeqCst), 5);
+    let table = sdk_table(&moto.endpoint());
+    assert_eq!(events_of(&table, "default/job0").len() + events_of(&table, "default/job1").len(), 40);
+    assert_eq!(outbox(&inst).pending().unwrap(), 0);
+}
+
+#[test]
+fn refused_or_missing_credentials_say_so_and_lose_nothing() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port, usize::MAX, "UnrecognizedClientException");
+    let inst = fleet_instance(Path::new("/bin/true"), &proxy.endpoint(), serde_json::json!({}));
+    queue(&inst, 10, 1);
+    let refused = archctl(&inst, &["fleet", "ship"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("no usable AWS credentials") && stderr.lines().count() == 1, "{stderr}");
+
+    // No credentials anywhere: the SDK's chain finds none.
+    inst.configure(serde_json::json!({ "fleet_endpoint": moto.endpoint() }));
+    let home = tempfile::tempdir().unwrap();
+    let missing = inst
+        .archctl()
+        .args(["fleet", "ship"])
+        .env_clear()
+        .env("ARCH_CONFIG", inst.path("config.json"))
+        .env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("credentials") && stderr.lines().count() == 1, "{stderr}");
+    assert_eq!(outbox(&inst).pending().unwrap(), 10, "nothing lost");
+
+    ok(&archctl(&inst, &["fleet", "create-table"]));
+    assert_eq!(ok(&archctl(&inst, &["fleet", "ship"])).trim(), "10 events shipped, 1 keys updated");
+}
+
+#[test]
+fn concurrent_arch_runc_processes_append_every_event_once() {
+    let fake = tempfile::tempdir().unwrap();
+    let inst = fleet_instance(&fake_runc(fake.path()), "http://127.0.0.1:9", serde_json::json!({}));
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    for round in 0..2 {
+        let ids: Vec<String> = (0..20).map(|i| format!("c{round}-{i}")).collect();
+        checkpoint_calls(&inst, &bundle, &ids);
+    }
+    let status: serde_json::Value = serde_json::from_str(&ok(&archctl(&inst, &["fleet", "status", "--json"]))).unwrap();
+    assert_eq!(status["pending"], 40, "{status}");
+    let outbox = outbox(&inst);
+    outbox.seal_current().unwrap();
+    let mut keys = Vec::new();
+    for segment in outbox.segments().unwrap() {
+        let s = outbox.read(&segment).unwrap();
+        assert_eq!(s.unreadable, 0);
+        keys.extend(s.events.into_iter().map(|e| (e.kind, e.key.unwrap())));
+    }
+    keys.sort();
+    let mut expected: Vec<(EventKind, String)> =
+        (0..2).flat_map(|r| (0..20).map(move |i| (EventKind::Checkpoint, format!("default/c{r}-{i}")))).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+}
+
+#[test]
+fn a_full_outbox_drops_the_oldest_and_counts_them() {
+    let fake = tempfile::tempdir().unwrap();
+    // 32 KiB in segments of 4 KiB (the smallest): about a hundred events of about 300 bytes.
+    let inst = fleet_instance(
+        &fake_runc(fake.path()),
+        "http://127.0.0.1:9",
+        serde_json::json!({ "fleet_outbox_bytes": 32768 }),
+    );
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    let total = 200;
+    for round in 0..total / 20 {
+        let ids: Vec<String> = (0..20).map(|i| format!("c{:03}", round * 20 + i)).collect();
+        checkpoint_calls(&inst, &bundle, &ids);
+    }
+    let dir = inst.path("state/fleet-outbox");
+    let bytes: u64 = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+    assert!(bytes <= 32768 + 8192, "bounded: {bytes}");
+    let pending = outbox(&inst).pending().unwrap();
+    let dropped = inst.counters().get("arch_fleet_events_dropped_total{reason=\"full\"}").copied().unwrap_or(0);
+    assert!(dropped > 0, "{:?}", inst.counters());
+    assert_eq!(pending + dropped, total as u64, "every event is either waiting or counted as dropped");
+    let outbox = outbox(&inst);
+    outbox.seal_current().unwrap();
+    let segments = outbox.segments().unwrap();
+    let newest = outbox.read(segments.last().unwrap()).unwrap();
+    let last = newest.events.iter().filter_map(|e| e.key.clone()).max().unwrap();
+    assert_eq!(last, format!("default/c{:03}", total - 1), "the newest stay");
+    let oldest = outbox.read(&segments[0]).unwrap();
+    assert_ne!(oldest.events[0].key.as_deref(), Some("default/c000"), "the oldest went");
+}
+
+#[test]
+fn without_a_fleet_table_nothing_is_written() {
+    let fake = tempfile::tempdir().unwrap();
+    let inst = Instance::new(&fake_runc(fake.path()));
+    let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+    checkpoint_calls(&inst, &bundle, &["c1".into()]);
+    assert!(inst.counters().contains_key("arch_checkpoint_attempts_total"), "the call was ARCH's");
+    assert!(!inst.path("state/fleet-outbox").exists());
+    let out = inst.archctl().args(["list", "--fleet"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
