@@ -14,8 +14,8 @@ step "setup"
 bash scripts/setup.sh --test
 step "rustfmt"
 cargo fmt --all --check
-step "clippy (host)"
-cargo clippy --release -p arch-host --all-targets --quiet -- -D warnings
+step "clippy (host, its DynamoDB client)"
+cargo clippy --release -p arch-host -p arch-dynamodb --all-targets --quiet -- -D warnings
 step "clippy (guests, wasm32-wasip2)"
 cargo clippy --release --target wasm32-wasip2 --quiet \
   -p arch-guest-sdk -p arch-module-create -p arch-module-start -p arch-module-checkpoint \
