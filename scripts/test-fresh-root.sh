@@ -79,6 +79,12 @@ new_root() {
     } >"$root/etc/apt/sources.list"
   fi
   cp /etc/resolv.conf "$root/etc/resolv.conf"
+  # This machine's TLS trust, like its resolver: setup.sh --test fetches moto from PyPI, and a
+  # machine behind an intercepting proxy trusts its CA in its own bundle (the root's
+  # ca-certificates makes a bundle of its own, so this one stays apart, for pip: in_root).
+  if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/arch-host-ca.crt"
+  fi
   # No daemon a package installs may start inside the chroot.
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod 0755 "$root/usr/sbin/policy-rc.d"
   install -m 0755 "$repo/scripts/setup.sh" "$root/usr/local/sbin/arch-setup.sh"
@@ -97,9 +103,11 @@ in_root() {
   local root=$work/$1 spec=()
   shift
   if [ "$1" = --user ]; then spec=(--userspec="$2:$2"); shift 2; fi
+  local trust=()
+  if [ -f "$root/etc/arch-host-ca.crt" ]; then trust=(PIP_CERT=/etc/arch-host-ca.crt); fi
   chroot "${spec[@]}" "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
     PATH="$cargo_home/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    CARGO_HOME="$cargo_home" RUSTUP_HOME="$rustup_home" "$@"
+    CARGO_HOME="$cargo_home" RUSTUP_HOME="$rustup_home" "${trust[@]}" "$@"
 }
 
 # refuses ROOT WHY PATTERN [--user UID]: setup.sh exits non-zero with exactly one line matching PATTERN.
