@@ -66,6 +66,9 @@ pub struct CallContext {
     pub(super) deadline: Option<Instant>,
     /// What the host counts of this call's checkpoints and restores.
     pub(super) outcomes: Outcomes,
+    /// The container's checkpoint key once located (by `location`, or for
+    /// a fleet event), so that a call resolves it once.
+    key: std::cell::OnceCell<Option<String>>,
 }
 
 impl CallContext {
@@ -92,6 +95,7 @@ impl CallContext {
             trigger: Trigger::now(Kind::Runc),
             deadline: None,
             outcomes: Outcomes::default(),
+            key: std::cell::OnceCell::new(),
         }
     }
 
@@ -122,12 +126,15 @@ impl CallContext {
         if !crate::fleet::enabled() {
             return;
         }
-        let key =
-            checkpoint::key::locate(&self.config, &self.namespace, self.scope.id(), &self.facts).ok().map(|l| l.key);
+        let key = self
+            .key
+            .get_or_init(|| {
+                checkpoint::key::locate(&self.config, &self.namespace, self.scope.id(), &self.facts).ok().map(|l| l.key)
+            })
+            .as_deref();
         crate::fleet::emit(|node| {
-            let base = |kind, outcome: &str| {
-                Event::new(kind, node, key.as_deref(), outcome).container(&self.namespace, self.scope.id())
-            };
+            let base =
+                |kind, outcome: &str| Event::new(kind, node, key, outcome).container(&self.namespace, self.scope.id());
             make(&base)
         });
     }
@@ -151,6 +158,9 @@ impl CallContext {
     pub(super) fn location(&mut self) -> Result<checkpoint::key::Location, String> {
         let location = checkpoint::key::locate(&self.config, &self.namespace, self.scope.id(), &self.facts)
             .map_err(|e| e.to_string())
+            .inspect(|location| {
+                let _ = self.key.set(Some(location.key.clone()));
+            })
             .and_then(|location| location.ready().map(|()| location));
         if location.is_err() && self.is_create() {
             self.outcomes.key_refused(&self.metrics);
