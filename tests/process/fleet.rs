@@ -14,99 +14,20 @@ use arch::fleet::{Event, EventKind, Outbox};
 use arch_dynamodb::{Dynamo, Settings, Table, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::moto::*;
 use support::*;
 
-const TABLE: &str = "arch-fleet";
-const REGION: &str = "us-east-1";
-
-fn moto_server() -> PathBuf {
-    std::env::var_os("ARCH_MOTO_SERVER").map_or_else(|| "/opt/arch-test/moto/bin/moto_server".into(), PathBuf::from)
-}
-
-fn have_moto() -> bool {
-    require(moto_server().exists(), "moto's server at /opt/arch-test/moto (scripts/setup.sh --test)")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16, within: Duration) -> bool {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-/// A moto server on `port`, stopped when dropped.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        Moto::on(free_port())
-    }
-
-    fn on(port: u16) -> Moto {
-        let child = Command::new(moto_server())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server");
-        assert!(wait_listening(port, Duration::from_secs(30)), "moto_server did not listen on {port}");
-        Moto { child, port }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Static test credentials: the SDK's environment source.
-fn credentials(c: &mut Command) -> &mut Command {
-    c.env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-}
-
 fn fleet_instance(runc: &Path, endpoint: &str, extra: serde_json::Value) -> Instance {
-    let mut config = serde_json::json!({
-        "fleet_table": TABLE,
-        "fleet_region": REGION,
-        "fleet_endpoint": endpoint,
-        "fleet_node": "node-a",
-        "fleet_ship_interval_secs": 0.2,
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        config[k] = v.clone();
-    }
-    Instance::with(runc, config)
+    Instance::with(runc, fleet_config(endpoint, extra))
 }
 
 fn archctl(inst: &Instance, args: &[&str]) -> std::process::Output {
-    let mut c = inst.archctl();
-    credentials(&mut c).args(args).output().unwrap()
+    archctl_aws(inst, args)
 }
 
 fn ok(out: &std::process::Output) -> String {
@@ -288,28 +209,38 @@ fn watch_ships_nothing_while_dynamodb_is_down_and_everything_once_it_is_up() {
     assert_eq!(table.get("KEYS", "default/job3").unwrap().unwrap()["generation"], Value::s("g00011"), "the newest");
 }
 
-/// A proxy in front of moto: the first `refuse` requests get DynamoDB's
-/// answer `error` (HTTP 400, as DynamoDB sends it); the rest are forwarded.
+/// A proxy in front of moto, answering some requests as DynamoDB may and
+/// moto never does; everything else is forwarded.
 struct Proxy {
     port: u16,
-    refused: Arc<AtomicUsize>,
+    /// How many requests got the proxy's own answer.
+    answered: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+enum Answer {
+    /// The first `times` requests get DynamoDB's error `error` (HTTP 400).
+    Refuse { times: usize, error: &'static str },
+    /// The first `times` BatchWriteItem requests: the first half of the
+    /// items is written, the rest come back as `UnprocessedItems`.
+    HalfUnprocessed { times: usize },
 }
 
 impl Proxy {
-    fn start(upstream: u16, refuse: usize, error: &'static str) -> Proxy {
+    fn start(upstream: u16, answer: Answer) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let refused = Arc::new(AtomicUsize::new(0));
-        let count = refused.clone();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let count = count.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, &count, refuse, error);
+                    let _ = serve(conn, upstream, &count, answer);
                 });
             }
         });
-        Proxy { port, refused }
+        Proxy { port, answered }
     }
 
     fn endpoint(&self) -> String {
@@ -317,7 +248,8 @@ impl Proxy {
     }
 }
 
-/// One HTTP/1.1 request: its head (with `Connection: close` put in) and body.
+/// One HTTP/1.1 request: its head (without its `Connection` and
+/// `Content-Length` lines) and body.
 fn read_message(reader: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<u8>)>> {
     let mut head = String::new();
     let mut length = 0;
@@ -332,42 +264,93 @@ fn read_message(reader: &mut impl BufRead) -> std::io::Result<Option<(String, Ve
         let lower = line.to_ascii_lowercase();
         if let Some(v) = lower.strip_prefix("content-length:") {
             length = v.trim().parse().unwrap_or(0);
-        }
-        if !lower.starts_with("connection:") {
+        } else if !lower.starts_with("connection:") {
             head.push_str(&line);
         }
     }
-    head.push_str("Connection: close\r\n\r\n");
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     Ok(Some((head, body)))
 }
 
-fn serve(conn: TcpStream, upstream: u16, count: &AtomicUsize, refuse: usize, error: &str) -> std::io::Result<()> {
+/// Sends a request to moto on its own connection; moto's whole response.
+fn forward(upstream: u16, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    write!(up, "{head}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    up.write_all(body)?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    Ok(response)
+}
+
+fn reply(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.0\r\nx-amzn-RequestId: test\r\n\
+         Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Counts one more of the proxy's own answers, if fewer than `times` were given.
+fn take(answered: &AtomicUsize, times: usize) -> bool {
+    answered.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < times).then_some(n + 1)).is_ok()
+}
+
+fn serve(conn: TcpStream, upstream: u16, answered: &AtomicUsize, answer: Answer) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut conn = conn;
     while let Some((head, body)) = read_message(&mut reader)? {
-        if count.fetch_add(1, Ordering::SeqCst) < refuse {
-            let answer =
-                format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{error}","message":"refused by the test"}}"#);
-            write!(
-                conn,
-                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\nx-amzn-RequestId: test\r\n\
-                 Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{answer}",
-                answer.len()
-            )?;
-            continue;
+        match answer {
+            Answer::Refuse { times, error } if take(answered, times) => {
+                let body = format!(
+                    r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{error}","message":"refused by the test"}}"#
+                );
+                reply(&mut conn, "400 Bad Request", &body)?;
+                continue;
+            }
+            Answer::Refuse { .. } => {}
+            Answer::HalfUnprocessed { times }
+                if head.to_ascii_lowercase().contains("x-amz-target: dynamodb_20120810.batchwriteitem")
+                    && take(answered, times) =>
+            {
+                let mut request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let items = request["RequestItems"][TABLE].as_array_mut().unwrap();
+                let rest = items.split_off(items.len().div_ceil(2));
+                let response = forward(upstream, &head, &serde_json::to_vec(&request).unwrap())?;
+                assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+                let body = serde_json::json!({ "UnprocessedItems": { TABLE: rest } }).to_string();
+                reply(&mut conn, "200 OK", &body)?;
+                continue;
+            }
+            Answer::HalfUnprocessed { .. } => {}
         }
-        count.fetch_sub(1, Ordering::SeqCst);
-        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
-        up.write_all(head.as_bytes())?;
-        up.write_all(&body)?;
-        let mut response = Vec::new();
-        up.read_to_end(&mut response)?;
-        conn.write_all(&response)?;
+        conn.write_all(&forward(upstream, &head, &body)?)?;
         return Ok(());
     }
     Ok(())
+}
+
+#[test]
+fn unprocessed_items_are_sent_again_until_written() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let inst = fleet_instance(Path::new("/bin/true"), &moto.endpoint(), serde_json::json!({}));
+    ok(&archctl(&inst, &["fleet", "create-table"]));
+    queue(&inst, 60, 3);
+    // 60 events are three batches of 25, 25 and 10; the first four batch
+    // requests come back half unprocessed.
+    let proxy = Proxy::start(moto.port, Answer::HalfUnprocessed { times: 4 });
+    inst.configure(serde_json::json!({ "fleet_endpoint": proxy.endpoint() }));
+    let out = ok(&archctl(&inst, &["fleet", "ship"]));
+    assert!(out.contains("60 events shipped"), "{out}");
+    assert_eq!(proxy.answered.load(Ordering::SeqCst), 4, "four batches half written");
+    let table = sdk_table(&moto.endpoint());
+    let events: usize = (0..3).map(|k| events_of(&table, &format!("default/job{k}")).len()).sum();
+    assert_eq!(events, 60, "every event, once");
+    assert_eq!(outbox(&inst).pending().unwrap(), 0);
 }
 
 #[test]
@@ -381,7 +364,7 @@ fn throttling_is_retried_and_loses_nothing() {
     queue(&inst, 40, 2);
     // The SDK tries a request 3 times: 5 refusals fail the first round, and
     // the second gets through after 2 more.
-    let proxy = Proxy::start(moto.port, 5, "ProvisionedThroughputExceededException");
+    let proxy = Proxy::start(moto.port, Answer::Refuse { times: 5, error: "ProvisionedThroughputExceededException" });
     inst.configure(serde_json::json!({ "fleet_endpoint": proxy.endpoint() }));
     let first = archctl(&inst, &["fleet", "ship"]);
     let stderr = String::from_utf8_lossy(&first.stderr);
@@ -389,7 +372,7 @@ fn throttling_is_retried_and_loses_nothing() {
     assert!(stderr.contains("throttled") && stderr.lines().count() == 1, "{stderr}");
     assert_eq!(outbox(&inst).pending().unwrap(), 40);
     assert_eq!(ok(&archctl(&inst, &["fleet", "ship"])).trim(), "40 events shipped, 2 keys updated");
-    assert_eq!(proxy.refused.load(Ordering::SeqCst), 5);
+    assert_eq!(proxy.answered.load(Ordering::SeqCst), 5);
     let table = sdk_table(&moto.endpoint());
     assert_eq!(events_of(&table, "default/job0").len() + events_of(&table, "default/job1").len(), 40);
     assert_eq!(outbox(&inst).pending().unwrap(), 0);
@@ -401,7 +384,7 @@ fn refused_or_missing_credentials_say_so_and_lose_nothing() {
         return;
     }
     let moto = Moto::start();
-    let proxy = Proxy::start(moto.port, usize::MAX, "UnrecognizedClientException");
+    let proxy = Proxy::start(moto.port, Answer::Refuse { times: usize::MAX, error: "UnrecognizedClientException" });
     let inst = fleet_instance(Path::new("/bin/true"), &proxy.endpoint(), serde_json::json!({}));
     queue(&inst, 10, 1);
     let refused = archctl(&inst, &["fleet", "ship"]);

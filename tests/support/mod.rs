@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod docker;
 pub mod imds;
+pub mod moto;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

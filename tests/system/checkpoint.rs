@@ -509,3 +509,44 @@ fn an_aws_batch_retry_with_a_new_container_resumes_without_a_key_of_its_own() {
     assert!(count(&ctd, "attempt-2") >= before);
     remove(&ctd, "attempt-2");
 }
+
+#[test]
+fn the_fleet_catalog_records_a_real_checkpoint_and_its_restore() {
+    if !ready_for_checkpoints() || !moto::have_moto() {
+        return;
+    }
+    let dynamodb = moto::Moto::start();
+    let inst =
+        Instance::with(Path::new("/usr/sbin/runc"), moto::fleet_config(&dynamodb.endpoint(), serde_json::json!({})));
+    let ctd = Containerd::start_with("arch-ck-fleet", inst);
+    let key = format!("{}/job", ctd.ns);
+    let key_dir = ctd.inst.path("checkpoints").join(&key);
+    start_counter(&ctd, "job", &[]);
+    let gen = checkpoint(&ctd, "job", false, &key_dir);
+    remove(&ctd, "job");
+    start_counter(&ctd, "job", &[]);
+    assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(gen.as_str()));
+
+    let run = |args: &[&str]| {
+        let out = moto::archctl_aws(&ctd.inst, args);
+        assert!(out.status.success(), "archctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["fleet", "create-table"]);
+    run(&["fleet", "ship"]);
+    let fleet: serde_json::Value = serde_json::from_str(&run(&["inspect", "--fleet", &key, "--json"])).unwrap();
+    assert_eq!(fleet["key"]["generation"], gen.as_str(), "{fleet}");
+    assert_eq!(fleet["key"]["node"], "node-a", "{fleet}");
+    let events = fleet["events"].as_array().unwrap();
+    let find =
+        |kind: &str| events.iter().find(|e| e["kind"] == kind).unwrap_or_else(|| panic!("no {kind} event: {fleet}"));
+    let taken = find("checkpoint");
+    assert_eq!(taken["outcome"], "success", "{taken}");
+    assert_eq!(taken["generation"], gen.as_str());
+    assert!(taken["images_bytes"].as_u64().is_some_and(|b| b > 0), "{taken}");
+    let restored = find("restore");
+    assert_eq!(restored["outcome"], "success", "{restored}");
+    assert_eq!(restored["generation"], gen.as_str());
+    assert!(errors(&ctd.inst).is_empty(), "{:?}", errors(&ctd.inst));
+    remove(&ctd, "job");
+}
