@@ -26,7 +26,8 @@ PKGS_DEMO=(busybox-static python3)
 # containerd, /var/lib/docker, /run/docker). The tests never use it: their engines have their
 # own data-root, exec-root, socket and containerd, and call /usr/bin/docker with that socket.
 # python3-venv and ca-certificates: the venv moto is installed into, from PyPI over TLS.
-PKGS_TEST=(hyperfine python3-prometheus-client debootstrap docker.io python3-venv ca-certificates)
+# logrotate: runs deploy/logrotate/arch in a test (the .deb only recommends it).
+PKGS_TEST=(hyperfine python3-prometheus-client debootstrap docker.io python3-venv ca-certificates logrotate)
 # promtool comes out of this package's .deb without installing the package: installing it
 # would start (and on systemd enable) a Prometheus server just to get a checker.
 PKG_PROMTOOL=prometheus

@@ -199,8 +199,8 @@ else
     sh -c '[ "$(arch-runc --version 2>&1; echo "rc=$?")" = "$(/usr/sbin/runc --version 2>&1; echo "rc=$?")" ]'
   check "/etc/arch/modules is an empty root-owned directory, 0755" in_root probe \
     sh -c '[ "$(stat -c %u:%g:%a /etc/arch/modules)" = 0:0:755 ] && [ -z "$(ls -A /etc/arch/modules)" ]'
-  check "/etc/arch/config.json is a conffile" in_root probe \
-    sh -c "dpkg-query -W -f '\${Conffiles}' arch-runc | grep -q '/etc/arch/config.json'"
+  check "/etc/arch/config.json and /etc/logrotate.d/arch are conffiles" in_root probe \
+    sh -c "dpkg-query -W -f '\${Conffiles}' arch-runc | grep -q '/etc/arch/config.json' && dpkg-query -W -f '\${Conffiles}' arch-runc | grep -q '/etc/logrotate.d/arch'"
   check "depends on runc and zstd, recommends criu (>= 4)" in_root probe \
     sh -c "dpkg-query -W -f '\${Depends}|\${Recommends}' arch-runc | grep -Eq '^runc.*zstd.*\|criu \(>= 4\)'"
   check "arch-watch unit installed and enabled, running /usr/bin/archctl watch" in_root probe \

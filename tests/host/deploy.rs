@@ -36,6 +36,8 @@ enum Kind {
     Fstab,
     /// /etc/exports lines.
     NfsExports,
+    /// A logrotate snippet.
+    Logrotate,
 }
 
 /// Files whose name does not say what they are, by path under deploy/.
@@ -47,6 +49,7 @@ const NAMED: &[(&str, Kind)] = &[
     ("on-premises/fstab", Kind::Fstab),
     ("on-premises/exports", Kind::NfsExports),
     ("on-premises/arch-watch-nfs.conf", Kind::Systemd),
+    ("logrotate/arch", Kind::Logrotate),
 ];
 
 fn kind(rel: &str) -> Option<Kind> {
@@ -60,6 +63,37 @@ fn kind(rel: &str) -> Option<Kind> {
         "sh" => Some(Kind::Shell),
         "service" | "timer" | "socket" | "mount" => Some(Kind::Systemd),
         _ => None,
+    }
+}
+
+/// A logrotate snippet: one block, whose patterns cover the default log and
+/// every file the CloudWatch agent ships, cut in place (`copytruncate`:
+/// archctl watch keeps its log open). The real logrotate runs it in
+/// tests/process/metrics.rs.
+fn check_logrotate(what: &str, text: &str) {
+    let lines: Vec<&str> = content_lines(text).map(str::trim).collect();
+    let open = lines.iter().position(|l| l.ends_with('{')).unwrap_or_else(|| panic!("{what}: no block"));
+    assert_eq!(lines.last(), Some(&"}"), "{what}: the block is closed last");
+    let patterns: Vec<&str> = lines[open].trim_end_matches('{').split_whitespace().collect();
+    let directives = &lines[open + 1..lines.len() - 1];
+    assert!(directives.contains(&"copytruncate"), "{what}: copytruncate");
+    assert!(directives.iter().any(|d| d.starts_with("rotate ")), "{what}: a bound on the copies kept");
+    let covered = |path: &str| {
+        patterns.iter().any(|p| match p.split_once('*') {
+            Some((head, tail)) => path.starts_with(head) && path.ends_with(tail) && !path[head.len()..].contains('/'),
+            None => *p == path,
+        })
+    };
+    let mut shipped: Vec<String> = json("deploy/cloudwatch/agent.json")["logs"]["logs_collected"]["files"]
+        ["collect_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["file_path"].as_str().unwrap().to_owned())
+        .collect();
+    shipped.push(json("deploy/config.json")["log_file"].as_str().unwrap().to_owned());
+    for path in shipped {
+        assert!(covered(&path), "{what}: {path} is not rotated by {patterns:?}");
     }
 }
 
@@ -268,6 +302,7 @@ fn every_file_under_deploy_parses_as_what_it_is() {
             Kind::EnvFile => check_env_file(&what, &text),
             Kind::Fstab => check_fstab(&what, &text),
             Kind::NfsExports => check_exports(&what, &text),
+            Kind::Logrotate => check_logrotate(&what, &text),
         }
     }
     assert!(

@@ -191,3 +191,75 @@ fn grafana_dashboard_queries_are_valid_promql_over_arch_metrics() {
     let out = Command::new("promtool").args(["check", "rules"]).arg(&file).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+/// deploy/logrotate/arch, run by the real logrotate over an instance whose
+/// files are where the .deb puts them (its paths moved into the instance):
+/// the log and the EMF file are copied and cut in place, so `archctl watch`,
+/// which keeps its log open, goes on writing at the start of the cut file
+/// (O_APPEND), not past a hole of zeros, and arch-runc calls after the
+/// rotation land in the live files.
+#[test]
+fn logrotate_cuts_the_log_and_emf_file_under_their_writers() {
+    if !require(support::containerd::have("logrotate"), "logrotate (scripts/setup.sh --test)") {
+        return;
+    }
+    let fake_dir = tempfile::tempdir().unwrap();
+    let runc = fake_runc(fake_dir.path());
+    let logs = tempfile::tempdir().unwrap();
+    let (log, emf) = (logs.path().join("arch-runc.log"), logs.path().join("metrics.emf.jsonl"));
+    let inst =
+        Instance::with(&runc, serde_json::json!({ "log_file": log, "cloudwatch_emf_file": emf, "log_level": "debug" }));
+    let conf = std::fs::read_to_string(support::containerd::repo().join("deploy/logrotate/arch"))
+        .unwrap()
+        .replace("/var/log/arch/", &format!("{}/", logs.path().display()));
+    let conf_path = inst.path("logrotate.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    // watch keeps the log open; with containerd away it logs a line every few seconds.
+    let mut watch = inst
+        .archctl()
+        .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch_lines = |text: &str| text.lines().filter(|l| l.contains("\"arch::watch\"")).count();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while watch_lines(&std::fs::read_to_string(&log).unwrap_or_default()) < 2 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(inst.arch_runc().args(["state", "before-rotation"]).status().unwrap().success());
+
+    let rotated = Command::new("logrotate")
+        .arg("--force")
+        .arg("--state")
+        .arg(inst.path("logrotate.state"))
+        .arg(&conf_path)
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    for (file, before) in [(&log, "before-rotation"), (&emf, "\"state\"")] {
+        let copy = std::fs::read_to_string(format!("{}.1", file.display())).unwrap();
+        assert!(copy.contains(before), "{} holds what was written before: {copy}", file.display());
+    }
+    assert!(std::fs::metadata(&log).unwrap().len() < 4096, "the log was cut");
+
+    assert!(inst.arch_runc().args(["state", "after-rotation"]).status().unwrap().success());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut live = String::new();
+    while std::time::Instant::now() < until {
+        live = std::fs::read_to_string(&log).unwrap();
+        if watch_lines(&live) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    watch.wait().unwrap();
+    assert!(watch_lines(&live) >= 1, "watch wrote on after the cut: {live}");
+    assert!(!live.contains('\0'), "no hole of zeros where watch's offset was: {live:?}");
+    for line in live.lines().chain(std::fs::read_to_string(&emf).unwrap().lines()) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    }
+    assert!(live.contains("after-rotation"), "arch-runc's call after the rotation is in the live log");
+    assert!(!live.contains("before-rotation"));
+}
