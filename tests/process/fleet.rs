@@ -484,3 +484,97 @@ fn without_a_fleet_table_nothing_is_written() {
     let out = inst.archctl().args(["list", "--fleet"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Fail open: with the outbox's filesystem full, an ARCH-handled call does
+/// what it does without a fleet (same status, nothing of ARCH's on its
+/// stdout or stderr); the lost event is logged and counted.
+#[test]
+fn a_full_disk_under_the_outbox_loses_the_event_not_the_call() {
+    if !require(is_root(), "root (a small tmpfs under the outbox)") {
+        return;
+    }
+    let fake = tempfile::tempdir().unwrap();
+    let runc = fake_runc(fake.path());
+    let inst = fleet_instance(&runc, "http://127.0.0.1:9", serde_json::json!({}));
+    let dir = inst.path("state/fleet-outbox");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"]).arg(&dir).status();
+    assert!(mounted.unwrap().success(), "tmpfs on {}", dir.display());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let filler = std::fs::File::create(dir.join("filler")).unwrap();
+    let mut filler = std::io::BufWriter::new(filler);
+    while filler.write_all(&[0u8; 4096]).and_then(|_| filler.flush()).is_ok() {}
+    drop(filler);
+
+    let control = Instance::new(&runc);
+    let run = |inst: &Instance| {
+        let bundle = inst.bundle("bundle", &["ARCH_ENABLE=1"], &[]);
+        let created = inst.arch_runc().args(["create", "--bundle"]).arg(&bundle).arg("c1").output().unwrap();
+        let checkpoint = inst.arch_runc().args(["checkpoint", "c1"]).output().unwrap();
+        (created, checkpoint)
+    };
+    let (created, checkpoint) = run(&inst);
+    let (control_created, control_checkpoint) = run(&control);
+    assert_eq!(created.status.code(), control_created.status.code());
+    assert_eq!(checkpoint.status.code(), control_checkpoint.status.code());
+    for out in [&created, &checkpoint] {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!text.contains("fleet") && !text.contains("outbox") && !text.contains("No space"), "{text}");
+    }
+    assert!(
+        inst.log().iter().any(|l| l["message"] == "fleet event not recorded"
+            && l["error"].as_str().is_some_and(|e| e.contains("No space left"))),
+        "{:?}",
+        inst.log()
+    );
+    assert!(inst.counters().get("arch_fleet_events_dropped_total{reason=\"error\"}").is_some_and(|&n| n >= 1));
+    assert_eq!(
+        inst.counters().get("arch_checkpoint_attempts_total"),
+        control.counters().get("arch_checkpoint_attempts_total")
+    );
+}
+
+/// Two nodes, one key, shipped out of order: node-a's newer checkpoint
+/// reaches the table first, node-b's older checkpoint and failed restore
+/// after it. The key's item keeps the newest of each (DynamoDB's
+/// conditional updates, as moto evaluates them); every event is kept.
+#[test]
+fn two_nodes_shipping_out_of_order_keep_the_newest() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let a = fleet_instance(Path::new("/bin/true"), &moto.endpoint(), serde_json::json!({ "fleet_node": "node-a" }));
+    let b = fleet_instance(Path::new("/bin/true"), &moto.endpoint(), serde_json::json!({ "fleet_node": "node-b" }));
+    ok(&archctl(&a, &["fleet", "create-table"]));
+    let checkpoint = |node: &str, generation: &str, at_ms: u64, bytes: u64| {
+        let mut e = Event::new(EventKind::Checkpoint, node, Some("default/job"), "success").generation(generation);
+        e.at_ms = at_ms;
+        e.images_bytes = Some(bytes);
+        e
+    };
+    let now = Event::new(EventKind::Checkpoint, "x", None, "").at_ms;
+    outbox(&a).append(&checkpoint("node-a", "g9", now, 9000)).unwrap();
+    outbox(&b).append(&checkpoint("node-b", "g8", now - 60_000, 8000)).unwrap();
+    let mut failed = Event::new(EventKind::Restore, "node-b", Some("default/job"), "failure").generation("g8");
+    failed.at_ms = now - 30_000;
+    outbox(&b).append(&failed.detail("runc restore exited 1")).unwrap();
+
+    ok(&archctl(&a, &["fleet", "ship"]));
+    let table = sdk_table(&moto.endpoint());
+    let newest = table.get("KEYS", "default/job").unwrap().expect("key item");
+    ok(&archctl(&b, &["fleet", "ship"]));
+    let key = table.get("KEYS", "default/job").unwrap().expect("key item");
+    assert_eq!(key["generation"], Value::s("g9"), "{key:?}");
+    assert_eq!(key["checkpoint_node"], Value::s("node-a"));
+    assert_eq!(key["images_bytes"].as_u64(), Some(9000));
+    assert_eq!(key["node"], Value::s("node-a"));
+    assert_eq!(key["status"], newest["status"], "the newest event's status stays");
+    assert_eq!(events_of(&table, "default/job").len(), 3, "every event is kept");
+}
