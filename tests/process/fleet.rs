@@ -578,3 +578,34 @@ fn two_nodes_shipping_out_of_order_keep_the_newest() {
     assert_eq!(key["status"], newest["status"], "the newest event's status stays");
     assert_eq!(events_of(&table, "default/job").len(), 3, "every event is kept");
 }
+
+/// The shipper killed (SIGKILL) mid-round, between a batch DynamoDB took and
+/// the progress recorded after it: the next round sends what was not marked
+/// done again (a put of the same item is the same item), and every event is
+/// in the table exactly once.
+#[test]
+fn a_shipper_killed_mid_round_loses_and_doubles_nothing() {
+    if !have_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let inst = fleet_instance(Path::new("/bin/true"), &moto.endpoint(), serde_json::json!({}));
+    ok(&archctl(&inst, &["fleet", "create-table"]));
+    queue(&inst, 1500, 5);
+    let table = sdk_table(&moto.endpoint());
+    let count = || (0..5).map(|k| events_of(&table, &format!("default/job{k}")).len()).sum::<usize>();
+    let mut ship = inst.archctl();
+    let mut ship = credentials(&mut ship).args(["fleet", "ship"]).stdout(Stdio::null()).spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while count() < 100 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ship.kill().unwrap();
+    ship.wait().unwrap();
+    let shipped = count();
+    assert!((100..1500).contains(&shipped), "killed mid-round: {shipped} of 1500 in the table");
+    assert!(outbox(&inst).pending().unwrap() > 0);
+    ok(&archctl(&inst, &["fleet", "ship"]));
+    assert_eq!(count(), 1500, "every event, once");
+    assert_eq!(outbox(&inst).pending().unwrap(), 0);
+}
