@@ -173,14 +173,16 @@ fn watch_ships_nothing_while_dynamodb_is_down_and_everything_once_it_is_up() {
     queue(&inst, 60, 4);
     let watch = |inst: &Instance| {
         let mut c = inst.archctl();
-        credentials(&mut c)
-            .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        Reaped(
+            credentials(&mut c)
+                .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
-    let mut first = watch(&inst);
+    let first = watch(&inst);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(outbox(&inst).pending().unwrap(), 60, "nothing acknowledged, nothing removed");
     let log = inst.log();
@@ -190,20 +192,18 @@ fn watch_ships_nothing_while_dynamodb_is_down_and_everything_once_it_is_up() {
         "{log:?}"
     );
     // The outbox outlives watch: a new one ships what the old one could not.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    first.wait().unwrap();
+    first.terminate();
     queue(&inst, 15, 4);
     let moto = Moto::on(port);
     ok(&archctl(&inst, &["fleet", "create-table"]));
-    let mut second = watch(&inst);
+    let second = watch(&inst);
     let table = sdk_table(&moto.endpoint());
     let until = Instant::now() + Duration::from_secs(60);
     let count = || (0..4).map(|k| events_of(&table, &format!("default/job{k}")).len()).sum::<usize>();
     while count() < 75 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = second.kill();
-    second.wait().unwrap();
+    drop(second);
     assert_eq!(count(), 75, "every event, once");
     assert_eq!(outbox(&inst).pending().unwrap(), 0);
     assert_eq!(table.get("KEYS", "default/job3").unwrap().unwrap()["generation"], Value::s("g00011"), "the newest");

@@ -215,13 +215,14 @@ fn logrotate_cuts_the_log_and_emf_file_under_their_writers() {
     let conf_path = inst.path("logrotate.conf");
     std::fs::write(&conf_path, conf).unwrap();
     // watch keeps the log open; with containerd away it logs a line every few seconds.
-    let mut watch = inst
-        .archctl()
-        .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let watch = Reaped(
+        inst.archctl()
+            .args(["watch", "--containerd", "/nonexistent/containerd.sock"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let watch_lines = |text: &str| text.lines().filter(|l| l.contains("\"arch::watch\"")).count();
     let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while watch_lines(&std::fs::read_to_string(&log).unwrap_or_default()) < 2 && std::time::Instant::now() < until {
@@ -253,8 +254,7 @@ fn logrotate_cuts_the_log_and_emf_file_under_their_writers() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
-    watch.wait().unwrap();
+    watch.terminate();
     assert!(watch_lines(&live) >= 1, "watch wrote on after the cut: {live}");
     assert!(!live.contains('\0'), "no hole of zeros where watch's offset was: {live:?}");
     for line in live.lines().chain(std::fs::read_to_string(&emf).unwrap().lines()) {

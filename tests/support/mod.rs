@@ -284,3 +284,22 @@ pub fn fake_calls(dir: &Path) -> Vec<(Vec<String>, String)> {
 pub fn strings(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
 }
+
+/// A child process killed and reaped when dropped, so that a failing
+/// assertion does not leave it running (a long-lived `archctl watch`).
+pub struct Reaped(pub std::process::Child);
+
+impl Reaped {
+    /// Asks it to stop as its service manager would (SIGTERM) and waits.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
