@@ -59,13 +59,6 @@ impl Value {
             Value::S(_) => None,
         }
     }
-
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Value::N(n) => n.parse().ok(),
-            Value::S(_) => None,
-        }
-    }
 }
 
 /// One item: attribute name to value.

@@ -74,7 +74,7 @@ pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
     if record.exit.is_some() {
         return Ok(Outcome::AlreadySettled);
     }
-    let action = apply(config, &record, ended)?;
+    let (exit_outcome, action) = apply(config, &record, ended)?;
     let exit = Exit { status: ended.status, at_unix_ms: ended.at_unix_ms, source: ended.source.into(), action };
     record.exit = Some(exit.clone());
     store_exit(&records, &path, was_ended, &record)?;
@@ -85,24 +85,18 @@ pub fn settle(config: &Config, ended: &Ended) -> anyhow::Result<Outcome> {
     };
     metrics::handle().count(metrics::EXITS, &[("outcome", outcome)], 1);
     let status = ended.status.map_or("unknown".to_owned(), |s| s.to_string());
-    emit_exit(config, &record, &status, &exit.action);
+    emit_exit(config, &record, &status, exit_outcome, &exit.action);
     tracing::info!(target: "arch::lifecycle", namespace = %ended.namespace, id = %ended.id, status,
         source = ended.source, action = %exit.action, "container ended");
     Ok(Outcome::Settled(exit))
 }
 
-/// The exit decision, for the fleet catalog: `removed`, `expiring`,
-/// `kept` or `nothing-to-remove`, with the exit status and the action.
-fn emit_exit(config: &Config, record: &Record, status: &str, action: &str) {
+/// The exit decision, for the fleet catalog: `outcome` is what [`apply`]
+/// did, with the exit status and the action in the detail.
+fn emit_exit(config: &Config, record: &Record, status: &str, outcome: &'static str, action: &str) {
     if !crate::fleet::enabled() {
         return;
     }
-    let outcome = match action {
-        "removed" => "removed",
-        "nothing to remove" => "nothing-to-remove",
-        a if a.starts_with("expires") => "expiring",
-        _ => "kept",
-    };
     let key = key::locate(config, &record.namespace, &record.id, &record.facts).ok().map(|l| l.key);
     crate::fleet::emit(|node| {
         crate::fleet::Event::new(crate::fleet::EventKind::Exit, node, key.as_deref(), outcome)
@@ -126,17 +120,20 @@ fn store_exit(records: &Records, path: &std::path::Path, was_ended: bool, record
     Ok(())
 }
 
-fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<String> {
+/// What the exit does to the container's checkpoints: the fleet event's
+/// outcome (`kept`, `nothing-to-remove`, `removed`, `expiring`) and the
+/// action as the record keeps it.
+fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<(&'static str, String)> {
     let (on_exit_zero, ttl) = policy(config, &record.facts.env);
     if ended.status != Some(0) || on_exit_zero == OnExitZero::Keep {
-        return Ok("kept".into());
+        return Ok(("kept", "kept".into()));
     }
     let location = match key::locate(config, &record.namespace, &record.id, &record.facts) {
         Ok(l) => l,
-        Err(e) => return Ok(format!("kept: {e}")),
+        Err(e) => return Ok(("kept", format!("kept: {e}"))),
     };
     let Ok(found) = catalog::find(config, &location.key, Some(location.mode)) else {
-        return Ok("nothing to remove".into());
+        return Ok(("nothing-to-remove", "nothing to remove".into()));
     };
     for location in found {
         if ttl == 0 {
@@ -156,7 +153,7 @@ fn apply(config: &Config, record: &Record, ended: &Ended) -> anyhow::Result<Stri
             })?;
         }
     }
-    Ok(if ttl == 0 { "removed".into() } else { format!("expires in {ttl}s") })
+    Ok(if ttl == 0 { ("removed", "removed".into()) } else { ("expiring", format!("expires in {ttl}s")) })
 }
 
 /// Housekeeping between events: containers left frozen by a dead arch-runc
@@ -246,6 +243,44 @@ mod tests {
         assert_eq!(forget_ended(&config, Some(3600)).unwrap(), 0, "not old enough");
         assert_eq!(forget_ended(&config, Some(0)).unwrap(), 1);
         assert!(records.all().is_empty());
+    }
+
+    /// Each exit decision names its fleet outcome beside the action the
+    /// record keeps.
+    #[test]
+    fn exit_decisions_and_their_fleet_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: dir.path().join("state"),
+            checkpoint_dir: dir.path().join("checkpoints"),
+            ..Default::default()
+        };
+        let record = |env: &[(&str, &str)]| {
+            let facts = crate::container::BundleFacts {
+                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            };
+            Record {
+                namespace: "default".into(),
+                id: "job".into(),
+                bundle: "/b".into(),
+                facts,
+                notes: Default::default(),
+                runc_root: None,
+                exit: None,
+                stop_signalled_unix_ms: None,
+            }
+        };
+        let ended =
+            |status| Ended { namespace: "default".into(), id: "job".into(), status, at_unix_ms: 1000, source: "event" };
+        let decide = |env: &[(&str, &str)], status| apply(&config, &record(env), &ended(status)).unwrap();
+        assert_eq!(decide(&[], Some(1)), ("kept", "kept".into()));
+        assert_eq!(decide(&[("ARCH_ON_EXIT_ZERO", "keep")], Some(0)), ("kept", "kept".into()));
+        assert_eq!(decide(&[], Some(0)), ("nothing-to-remove", "nothing to remove".into()));
+        std::fs::create_dir_all(config.checkpoint_dir.join("default/job/.arch")).unwrap();
+        assert_eq!(decide(&[("ARCH_EXIT_ZERO_TTL", "1h")], Some(0)), ("expiring", "expires in 3600s".into()));
+        assert_eq!(decide(&[], Some(0)), ("removed", "removed".into()));
+        assert!(!config.checkpoint_dir.join("default/job").exists());
     }
 
     #[test]

@@ -29,14 +29,15 @@ const EVENTS_SHOWN: usize = 50;
 /// Keys `list --fleet` reads at most.
 const KEYS_LISTED: usize = 100_000;
 
-/// The configured table, or a usage error naming the setting.
-fn connect(config: &Config) -> anyhow::Result<Dynamo> {
+/// The configured table and its name, or a usage error naming the setting.
+fn connect(config: &Config) -> anyhow::Result<(Dynamo, &str)> {
     let Some(table) = &config.fleet_table else {
         return Err(CtlError::Usage("no fleet table: set fleet_table in the host config".into()).into());
     };
     let settings =
         Settings { table: table.clone(), region: config.fleet_region.clone(), endpoint: config.fleet_endpoint.clone() };
-    Dynamo::connect(&settings).map_err(|e| unavailable(table, e))
+    let dynamo = Dynamo::connect(&settings).map_err(|e| unavailable(table, e))?;
+    Ok((dynamo, table))
 }
 
 fn unavailable(table: &str, e: arch_dynamodb::Error) -> anyhow::Error {
@@ -56,15 +57,13 @@ fn ttl_secs(config: &Config) -> u64 {
 pub fn run(config: &Config, command: FleetCommand) -> anyhow::Result<i32> {
     match command {
         FleetCommand::CreateTable => {
-            let table = connect(config)?;
-            let name = config.fleet_table.as_deref().unwrap_or_default();
+            let (table, name) = connect(config)?;
             let created = table.create_table().map_err(|e| unavailable(name, e))?;
             println!("{name}: {}", if created { "created" } else { "exists" });
             Ok(0)
         }
         FleetCommand::Ship => {
-            let table = connect(config)?;
-            let name = config.fleet_table.as_deref().unwrap_or_default();
+            let (table, name) = connect(config)?;
             let shipped = ship::ship(&Outbox::of(config), &table, ttl_secs(config)).map_err(|e| match e {
                 ship::ShipError::Table(e) => unavailable(name, e),
                 e => e.into(),
@@ -92,8 +91,7 @@ pub fn run(config: &Config, command: FleetCommand) -> anyhow::Result<i32> {
 
 /// `archctl list --fleet`: every key in the table.
 pub fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
-    let table = connect(config)?;
-    let name = config.fleet_table.as_deref().unwrap_or_default();
+    let (table, name) = connect(config)?;
     let keys = table.query(KEYS, false, KEYS_LISTED).map_err(|e| unavailable(name, e))?;
     if json {
         output::print_json(&keys.iter().map(to_json).collect::<Vec<_>>())?;
@@ -123,8 +121,7 @@ pub fn list(config: &Config, json: bool) -> anyhow::Result<i32> {
 
 /// `archctl inspect --fleet KEY`: the key's item and its newest events.
 pub fn inspect(config: &Config, key: &str, json: bool) -> anyhow::Result<i32> {
-    let table = connect(config)?;
-    let name = config.fleet_table.as_deref().unwrap_or_default();
+    let (table, name) = connect(config)?;
     let item = table.get(KEYS, key).map_err(|e| unavailable(name, e))?;
     let events = table.query(&format!("KEY#{key}"), true, EVENTS_SHOWN).map_err(|e| unavailable(name, e))?;
     if item.is_none() && events.is_empty() {
@@ -207,7 +204,7 @@ fn shipper(config: &Config) {
         let round = match &table {
             Some(t) => ship::ship(&outbox, t, ttl_secs(config)),
             None => match connect(config) {
-                Ok(t) => {
+                Ok((t, _)) => {
                     table = Some(t);
                     continue;
                 }

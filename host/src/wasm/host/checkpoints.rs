@@ -108,7 +108,7 @@ fn take(ctx: &mut CallContext, options: Result<Options, String>) -> Result<Metad
     let result = options.map_err(TakeFailure::NotRun).and_then(|options| take_checkpoint(ctx, options));
     Outcomes::checkpoint(&ctx.metrics, ctx.trigger, result.as_ref());
     ctx.emit(|e| {
-        let mut e = e(EventKind::Checkpoint, if result.is_ok() { "success" } else { "" });
+        let mut e = e(EventKind::Checkpoint, result.as_ref().map_or_else(TakeFailure::reason, |_| "success"));
         e.trigger = Some(ctx.trigger.kind.name().to_owned());
         e.duration_ms = Some(crate::util::time::ms_since(started));
         match &result {
@@ -118,10 +118,7 @@ fn take(ctx: &mut CallContext, options: Result<Options, String>) -> Result<Metad
                 e.written_bytes = meta.written_bytes;
                 e.generation(&meta.name)
             }
-            Err(failure) => {
-                e.outcome = failure.reason().to_owned();
-                e.detail(&failure.to_string())
-            }
+            Err(failure) => e.detail(&failure.to_string()),
         }
     });
     result
