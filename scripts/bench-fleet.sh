@@ -64,9 +64,10 @@ out=$repo/target/bench/fleet.md
 # Both builds run from fresh copies side by side in $work: the same binary ran 0.2 ms slower
 # per call from its place in target/ than from a fresh copy (measured; where a file's pages
 # sit matters at this scale), which is larger than what is measured here.
+before_bin=${ARCH_BEFORE_BIN_DIR:-}
 mkdir -p "$work/this" "$work/before"
 cp "$bin/arch-runc" "$work/this/"
-[ -n "${ARCH_BEFORE_BIN_DIR:-}" ] && cp "$ARCH_BEFORE_BIN_DIR/arch-runc" "$work/before/"
+[ -n "$before_bin" ] && cp "$before_bin/arch-runc" "$work/before/"
 call() { # call NAME SUB: NAME's config, with the before build's arch-runc for "before"
   local b=$work/this; [ "$1" = before ] && b=$work/before
   ARCH_CONFIG=$work/$1.json "$b/arch-runc" "$2" bench >/dev/null 2>&1 || true
@@ -82,7 +83,6 @@ pairs() { # pairs A B: $runs pairs of each call, A and B back to back; logs kept
   cp "$work/arch-$1.log" "$work/pairs-$1-$2-a.log"; cp "$work/arch-$2.log" "$work/pairs-$1-$2-b.log"
 }
 pairs off on
-before_bin=${ARCH_BEFORE_BIN_DIR:-}
 if [ -n "$before_bin" ]; then
   config before
   pairs before off

@@ -15,25 +15,12 @@ use arch_dynamodb::{Dynamo, Settings, Table, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::moto::*;
 use support::*;
-
-fn fleet_instance(runc: &Path, endpoint: &str, extra: serde_json::Value) -> Instance {
-    Instance::with(runc, fleet_config(endpoint, extra))
-}
-
-fn archctl(inst: &Instance, args: &[&str]) -> std::process::Output {
-    archctl_aws(inst, args)
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "status {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 /// The table as the tests read it back: the SDK, with the same test credentials.
 fn sdk_table(endpoint: &str) -> Dynamo {
@@ -70,13 +57,6 @@ fn events_of(table: &Dynamo, key: &str) -> Vec<arch_dynamodb::Item> {
 /// then checkpointed through arch-runc: the fake runc writes no images, so
 /// each checkpoint is a failed take, counted and recorded as a fleet event.
 fn checkpoint_calls(inst: &Instance, bundle: &Path, ids: &[String]) {
-    let run_all = |cmds: Vec<Command>| {
-        let children: Vec<Child> =
-            cmds.into_iter().map(|mut c| c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()).collect();
-        for mut child in children {
-            child.wait().unwrap();
-        }
-    };
     run_all(
         ids.iter()
             .map(|id| {

@@ -9,15 +9,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use support::*;
 
-/// Starts every command before waiting for any, so that they overlap.
-fn run_all(mut commands: Vec<Command>) {
-    let children: Vec<_> =
-        commands.iter_mut().map(|c| c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()).collect();
-    for mut child in children {
-        child.wait().unwrap();
-    }
-}
-
 #[test]
 fn twenty_concurrent_invocations_count_exactly_twenty() {
     let fake_dir = tempfile::tempdir().unwrap();

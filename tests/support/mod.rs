@@ -285,6 +285,24 @@ pub fn strings(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
 }
 
+/// Starts every command (output discarded) before waiting for any, so that
+/// they overlap.
+pub fn run_all(mut commands: Vec<Command>) {
+    let children: Vec<_> = commands
+        .iter_mut()
+        .map(|c| c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap())
+        .collect();
+    for mut child in children {
+        child.wait().unwrap();
+    }
+}
+
+/// A command's stdout, after asserting it succeeded (its stderr if not).
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "status {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
 /// A child process killed and reaped when dropped, so that a failing
 /// assertion does not leave it running (a long-lived `archctl watch`).
 pub struct Reaped(pub std::process::Child);

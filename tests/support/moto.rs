@@ -78,8 +78,9 @@ pub fn credentials(c: &mut Command) -> &mut Command {
         .env_remove("AWS_PROFILE")
 }
 
-/// The config keys of a fleet catalog on `endpoint`, plus `extra`.
-pub fn fleet_config(endpoint: &str, extra: serde_json::Value) -> serde_json::Value {
+/// An ARCH instance whose real runc is `runc` and whose fleet catalog is
+/// the table on `endpoint` (node `node-a`, shipped every 0.2 s), plus `extra`.
+pub fn fleet_instance(runc: &Path, endpoint: &str, extra: serde_json::Value) -> Instance {
     let mut config = serde_json::json!({
         "fleet_table": TABLE,
         "fleet_region": REGION,
@@ -90,11 +91,11 @@ pub fn fleet_config(endpoint: &str, extra: serde_json::Value) -> serde_json::Val
     for (k, v) in extra.as_object().unwrap() {
         config[k] = v.clone();
     }
-    config
+    Instance::with(runc, config)
 }
 
 /// archctl with the test credentials, run to the end.
-pub fn archctl_aws(inst: &Instance, args: &[&str]) -> std::process::Output {
+pub fn archctl(inst: &Instance, args: &[&str]) -> std::process::Output {
     let mut c = inst.archctl();
     credentials(&mut c).args(args).output().unwrap()
 }

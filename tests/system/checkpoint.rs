@@ -516,8 +516,7 @@ fn the_fleet_catalog_records_a_real_checkpoint_and_its_restore() {
         return;
     }
     let dynamodb = moto::Moto::start();
-    let inst =
-        Instance::with(Path::new("/usr/sbin/runc"), moto::fleet_config(&dynamodb.endpoint(), serde_json::json!({})));
+    let inst = moto::fleet_instance(Path::new("/usr/sbin/runc"), &dynamodb.endpoint(), serde_json::json!({}));
     let ctd = Containerd::start_with("arch-ck-fleet", inst);
     let key = format!("{}/job", ctd.ns);
     let key_dir = ctd.inst.path("checkpoints").join(&key);
@@ -527,11 +526,7 @@ fn the_fleet_catalog_records_a_real_checkpoint_and_its_restore() {
     start_counter(&ctd, "job", &[]);
     assert_eq!(restored_from(&ctd.inst, "job").as_deref(), Some(gen.as_str()));
 
-    let run = |args: &[&str]| {
-        let out = moto::archctl_aws(&ctd.inst, args);
-        assert!(out.status.success(), "archctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| ok(&moto::archctl(&ctd.inst, args));
     run(&["fleet", "create-table"]);
     run(&["fleet", "ship"]);
     let fleet: serde_json::Value = serde_json::from_str(&run(&["inspect", "--fleet", &key, "--json"])).unwrap();
